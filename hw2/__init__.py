@@ -1,0 +1,1 @@
+"""Everything beyond the homework's four modules: data, checkpoints, images, configuration."""

@@ -1,0 +1,86 @@
+"""The run's configuration: one dataclass, the single source of truth.
+
+main.py turns every field into a flag of the same name (the help text is the
+field's `help`), checkpoints store it, and a model can be rebuilt from it alone.
+Defaults are the homework's recommended command.
+"""
+from dataclasses import asdict, dataclass, field, fields
+
+CLASSES = ("all", "cat", "dog", "wild")
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # data
+    data_path: str = _f("./data/train", "folder with one subfolder of images per class (AFHQ: cat, dog, wild)")
+    data_class: str = _f("cat", "which class to train on: all, cat, dog or wild")
+    image_size: int = _f(32, "side of the square training images, in pixels")
+    cache_dir: str = _f("./.cache", "where decoded, resized images are cached between runs")
+    # model and diffusion
+    unet_dim: int = _f(16, "base channel count of the U-Net")
+    unet_dim_mults: tuple = _f((1, 2, 4, 8), "channel multiplier per U-Net level")
+    time_steps: int = _f(50, "number of diffusion steps T")
+    # optimization
+    train_steps: int = _f(10000, "number of optimizer steps")
+    batch_size: int = _f(32, "images per forward pass")
+    gradient_accumulate_every: int = _f(2, "forward passes per optimizer step (effective batch = batch_size x this)")
+    learning_rate: float = _f(1e-3, "Adam learning rate")
+    seed: int = _f(2024, "seed for weights, data order, noise and samples")
+    # outputs
+    save_folder: str = _f("./results", "where checkpoints, sample images and plots go")
+    save_and_sample_every: int = _f(1000, "steps between milestones (checkpoint + samples)")
+    num_samples: int = _f(64, "images in each milestone's sample grid")
+    load_path: str = _f(None, "checkpoint to resume training from, or to visualize with --visualize")
+    fid: bool = _f(False, "compute FID against the training images at every milestone")
+    fid_num_samples: int = _f(512, "generated images per FID evaluation")
+    visualize: bool = _f(False, "render the forward and backward diffusion of a training batch from --load_path and exit")
+    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
+
+    def __post_init__(self):
+        self.unet_dim_mults = tuple(self.unet_dim_mults)
+
+    def check(self):
+        """Raise ValueError naming the first invalid value."""
+        positive = ["image_size", "unet_dim", "time_steps", "train_steps", "batch_size",
+                    "gradient_accumulate_every", "save_and_sample_every", "num_samples", "fid_num_samples"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if not self.unet_dim_mults or any(m <= 0 for m in self.unet_dim_mults):
+            raise ValueError(f"--unet_dim_mults must be positive integers, got {self.unet_dim_mults}")
+        if self.data_class not in CLASSES:
+            raise ValueError(f"--data_class must be one of {', '.join(CLASSES)}, got {self.data_class!r}")
+        factor = 2 ** (len(self.unet_dim_mults) - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"--image_size {self.image_size} must be divisible by {factor} "
+                f"(2 to the number of U-Net levels minus one, {len(self.unet_dim_mults)} levels)"
+            )
+        if self.unet_dim % 8:
+            raise ValueError(f"--unet_dim must be a multiple of 8 (GroupNorm uses 8 groups), got {self.unet_dim}")
+        if self.visualize and not self.load_path:
+            raise ValueError("--visualize needs a trained model: pass --load_path CHECKPOINT")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        """Rebuild from a checkpoint's dict, ignoring keys this version does not know."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def differences(self, other, names):
+        """[(name, ours, theirs)] for the given fields where the two configs disagree."""
+        return [(n, getattr(self, n), getattr(other, n)) for n in names if getattr(self, n) != getattr(other, n)]
+
+
+# Fields that fix the shapes of the model's weights and its schedule: a checkpoint
+# made with other values cannot be resumed.
+MODEL_FIELDS = ("image_size", "unet_dim", "unet_dim_mults", "time_steps")

@@ -1,0 +1,199 @@
+"""Training images: found once, decoded and resized once, cropped and flipped every step.
+
+The homework's pipeline is Resize(int(1.12 S)) -> RandomCrop(S) -> RandomHorizontalFlip
+-> [-1, 1]. Decoding a 512 px JPEG costs far more than a training step at 32 px, so
+the deterministic part (decode + resize) runs once per file and is cached in memory
+and on disk; the random crop and flip still happen at every draw.
+"""
+import concurrent.futures
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffusion import normalize
+from hw2.checkpoint import atomic_save
+from hw2.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+RESIZE_FACTOR = 1.12
+CACHE_VERSION = 1
+
+
+def resized_side(image_size):
+    """The side images are resized to before the random crop (the homework's 1.12 S)."""
+    return int(image_size * RESIZE_FACTOR)
+
+
+def find_images(data_path, data_class):
+    """Sorted image paths of one class folder, or of every subfolder for 'all'."""
+    root = Path(data_path)
+    if not root.is_dir():
+        raise UserError(
+            f"data folder {root} does not exist: download AFHQ with `python -m hw2.afhq` "
+            f"or point --data_path at a folder of class subfolders"
+        )
+    folder = root if data_class == "all" else root / data_class
+    if not folder.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise UserError(
+            f"class folder {folder} does not exist (subfolders of {root}: {', '.join(found) or 'none'}); "
+            f"choose another --data_class or use --data_class all"
+        )
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not files:
+        raise UserError(f"no .jpg, .jpeg or .png images found in {folder}")
+    return files
+
+
+def decode(path, side):
+    """Open one image file as an RGB uint8 array (side, side, 3), resized like torchvision's
+    Resize(side) (shorter side to `side`, bilinear with antialiasing), then center-cropped
+    to a square. Raises OSError or ValueError for files that cannot be used."""
+    with Image.open(path) as img:
+        w, h = img.size
+        if w * h > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"{w}x{h} pixels is too large to be a training image")
+        img.load()
+        if img.mode.startswith("I"):  # 16- or 32-bit grayscale: keep the top 8 bits
+            arr = np.asarray(img, dtype=np.float64)
+            peak = 65535.0 if arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8))
+        img = img.convert("RGB")
+        img = TF.center_crop(TF.resize(img, side), [side, side])
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _cache_key(files, side):
+    h = hashlib.sha1(f"v{CACHE_VERSION} side={side}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"\n{f.name}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def load_images(files, side, cache_dir=None, progress=True):
+    """Decode and resize every file once: (uint8 tensor (N, 3, side, side), [skipped paths]).
+
+    Results are cached in cache_dir under a key made of the side and each file's
+    name, size and modification time, so any change to the files invalidates it.
+    """
+    cache = None
+    if cache_dir:
+        cache = Path(cache_dir) / f"images-{side}px-{_cache_key(files, side)}.pt"
+        if cache.is_file():
+            try:
+                stored = torch.load(cache, weights_only=True)
+                return stored["images"], [Path(p) for p in stored["skipped"]]
+            except Exception:
+                pass  # an unreadable cache is rebuilt below
+
+    arrays, skipped = [None] * len(files), []
+    workers = min(32, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(decode, f, side): i for i, f in enumerate(files)}
+        done = concurrent.futures.as_completed(futures)
+        for fut in tqdm(done, total=len(files), desc="decoding images", unit="img", disable=not progress, leave=False):
+            i = futures[fut]
+            try:
+                arrays[i] = fut.result()
+            except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+                skipped.append(files[i])
+    kept = [a for a in arrays if a is not None]
+    if not kept:
+        raise UserError(f"none of the {len(files)} image files could be read (first: {files[0]})")
+    images = torch.from_numpy(np.stack(kept)).permute(0, 3, 1, 2).contiguous()  # (N, 3, side, side)
+    skipped.sort()
+
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save({"images": images, "skipped": [str(p) for p in skipped]}, cache)
+        except OSError as e:
+            print(f"note: could not write the image cache {cache} ({e.strerror}); images will be decoded again next run")
+    return images, skipped
+
+
+class Batches:
+    """An endless stream of training batches (B, 3, S, S) in [-1, 1].
+
+    Each epoch visits the images in a new random order and drops the trailing
+    partial batch; each draw crops every image at a random S x S window and flips
+    half of them horizontally. All randomness comes from one generator whose
+    state is part of state_dict(), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, images, image_size, batch_size, seed):
+        n = images.shape[0]
+        if n < batch_size:
+            raise UserError(
+                f"the dataset has {n} usable images, fewer than one batch of {batch_size}: "
+                f"add images or lower --batch_size"
+            )
+        self.images = images  # (N, 3, R, R) uint8
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(n, generator=self.generator)
+        self.position = 0
+        self.epoch = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        n, b, s = self.images.shape[0], self.batch_size, self.image_size
+        if self.position + b > n:
+            self.order = torch.randperm(n, generator=self.generator)
+            self.position = 0
+            self.epoch += 1
+        index = self.order[self.position:self.position + b]
+        self.position += b
+
+        r = self.images.shape[-1]
+        corners = torch.randint(0, r - s + 1, (b, 2), generator=self.generator).tolist()
+        flips = (torch.rand(b, generator=self.generator) < 0.5).tolist()
+        batch = torch.empty((b, 3, s, s), dtype=torch.uint8)
+        for k, (i, (y, x), flip) in enumerate(zip(index.tolist(), corners, flips)):
+            crop = self.images[i, :, y:y + s, x:x + s]
+            batch[k] = crop.flip(-1) if flip else crop
+        return batch
+
+    @staticmethod
+    def to_model(batch, device):
+        """uint8 (B, 3, S, S) -> float32 in [-1, 1] on device."""
+        return normalize(batch.to(device, non_blocking=True).float() / 255.0)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state(), "order": self.order,
+                "position": self.position, "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        if state["order"].numel() != self.images.shape[0]:
+            raise UserError(
+                f"the checkpoint was trained on {state['order'].numel()} images, the data folder now has "
+                f"{self.images.shape[0]}: resume on the same data"
+            )
+        self.generator.set_state(state["generator"])
+        self.order = state["order"]
+        self.position = state["position"]
+        self.epoch = state["epoch"]
+
+
+def training_data(config, progress=True):
+    """Find, decode and cache the configured training images; report skipped files."""
+    files = find_images(config.data_path, config.data_class)
+    images, skipped = load_images(files, resized_side(config.image_size), config.cache_dir, progress)
+    if skipped:
+        names = ", ".join(p.name for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        print(f"skipped {len(skipped)} unreadable image file(s) of {len(files)}: {names}")
+    return images

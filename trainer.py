@@ -1,0 +1,158 @@
+"""The training loop: a small class of verbs (train_step, sample, milestone, save, load, fit).
+
+Files in save_folder, for milestone m = step // save_and_sample_every:
+    model-{m}.pt, model-latest.pt   checkpoints (see hw2/checkpoint.py)
+    sample_ddpm_{m}/00000.png ...   one PNG per generated image (what FID reads)
+    sample-{m}.png                  a grid of the first num_samples of them
+    sample-final.png                a grid drawn after the last step
+"""
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hw2.checkpoint import atomic_save, load_checkpoint, unet_state
+from hw2.config import MODEL_FIELDS, Config
+from hw2.data import Batches, training_data
+from hw2.errors import UserError
+from hw2.images import save_grid, save_images
+
+SAMPLE_CHUNK = 256  # images generated per forward pass when sampling
+
+
+class Trainer:
+    def __init__(self, diffusion, config, images=None, logger=None):
+        """diffusion: a Diffusion already on its device; config: a Config;
+        images: decoded training images (N, 3, R, R) uint8, read from config.data_path if None;
+        logger: an object with log(dict, step) and log_images(name, images, step), or None."""
+        self.diffusion = diffusion
+        self.model = diffusion.model
+        self.config = config
+        self.device = diffusion.device
+        self.logger = logger
+        self.save_folder = Path(config.save_folder)
+        if images is None:
+            images = training_data(config)
+        self.batches = Batches(images, config.image_size, config.batch_size, seed=config.seed)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+        self.step = 0
+
+    # one optimizer step
+
+    def train_step(self):
+        """gradient_accumulate_every forward/backward passes, one Adam step; returns the mean loss."""
+        self.model.train()
+        accumulate = self.config.gradient_accumulate_every
+        total = torch.zeros((), device=self.device)
+        for _ in range(accumulate):
+            x_0 = Batches.to_model(next(self.batches), self.device)
+            loss = self.diffusion(x_0) / accumulate
+            loss.backward()
+            total += loss.detach()
+        loss = total.item()
+        if not math.isfinite(loss):
+            raise UserError(
+                f"the loss became {loss} at step {self.step + 1}; training stopped and no checkpoint was "
+                f"overwritten. Resume from the last one with a lower --learning_rate"
+            )
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss
+
+    # sampling
+
+    @torch.no_grad()
+    def sample(self, n, seed):
+        """n images (n, C, H, W) in [0, 1], from a generator of their own so that sampling
+        never disturbs the training randomness (and a resumed run stays exact)."""
+        self.model.eval()
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        chunks = [
+            self.diffusion.sample(min(SAMPLE_CHUNK, n - start), generator=generator).cpu()
+            for start in range(0, n, SAMPLE_CHUNK)
+        ]
+        return torch.cat(chunks)
+
+    def milestone(self):
+        """Save a checkpoint, then draw and save samples."""
+        m = self.step // self.config.save_and_sample_every
+        self.save(self.save_folder / f"model-{m}.pt")
+        n = max(self.config.num_samples, self.config.fid_num_samples if self.config.fid else 0)
+        images = self.sample(n, seed=self.config.seed + m)
+        save_images(images, self.save_folder / f"sample_ddpm_{m}")
+        save_grid(images[: self.config.num_samples], self.save_folder / f"sample-{m}.png")
+        if self.logger:
+            self.logger.log_images("samples", images[: self.config.num_samples], self.step)
+
+    # checkpoints
+
+    def state_dict(self):
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "data": self.batches.state_dict(),
+            "rng": rng,
+            "config": self.config.to_dict(),
+        }
+
+    def save(self, path):
+        """Write the checkpoint to path and copy it to model-latest.pt, each atomically."""
+        self.save_folder.mkdir(parents=True, exist_ok=True)
+        atomic_save(self.state_dict(), path)
+        latest = self.save_folder / "model-latest.pt"
+        if Path(path) != latest:
+            tmp = latest.with_name(f".{latest.name}.tmp")
+            shutil.copyfile(path, tmp)
+            tmp.replace(latest)
+
+    def load(self, path):
+        """Resume from a checkpoint: weights, optimizer, step, data order and RNG states.
+        A homework checkpoint ({"step", "model"}) restores the weights and the step only."""
+        ckpt = load_checkpoint(path)
+        if "config" in ckpt:
+            theirs = Config.from_dict(ckpt["config"])
+            diff = self.config.differences(theirs, MODEL_FIELDS)
+            if diff:
+                listed = ", ".join(f"--{n} {ours} here but {other} in the checkpoint" for n, ours, other in diff)
+                raise UserError(f"{path} was trained with a different model: {listed}")
+        try:
+            self.model.load_state_dict(unet_state(ckpt["model"]))
+        except RuntimeError as e:
+            raise UserError(f"{path} does not fit this model ({str(e).splitlines()[0]}): check --unet_dim, --unet_dim_mults") from None
+        self.step = int(ckpt.get("step", 0))
+        if "optimizer" in ckpt:
+            self.opt.load_state_dict(ckpt["optimizer"])
+        if "data" in ckpt:
+            self.batches.load_state_dict(ckpt["data"])
+        rng = ckpt.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # the loop
+
+    def fit(self):
+        """Train until train_steps, with a milestone every save_and_sample_every steps."""
+        cfg = self.config
+        self.save_folder.mkdir(parents=True, exist_ok=True)
+        with tqdm(initial=self.step, total=cfg.train_steps, desc="steps", dynamic_ncols=True) as bar:
+            while self.step < cfg.train_steps:
+                loss = self.train_step()
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update(1)
+                if self.logger:
+                    self.logger.log({"loss": loss}, self.step)
+                if self.step % cfg.save_and_sample_every == 0:
+                    self.milestone()
+        if cfg.train_steps % cfg.save_and_sample_every:
+            self.save(self.save_folder / "model-latest.pt")
+        save_grid(self.sample(cfg.num_samples, seed=cfg.seed - 1), self.save_folder / "sample-final.png")
+        print("training completed")

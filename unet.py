@@ -1,0 +1,235 @@
+"""The homework's time-conditioned U-Net, which predicts the noise eps in x_t.
+
+Shapes: x is (B, C, H, W) in [-1, 1]-ish scale, time is a (B,) long tensor of
+0-based step indices; the output has the shape of x (out_dim channels).
+
+Layout (dim=16, dim_mults=(1, 2, 4, 8), about 2.47 M parameters):
+    7x7 input conv
+    down, per level: ResNet block, ResNet block, linear attention, downsample
+        (a stride-2 4x4 conv; the last level keeps its resolution)
+    middle: ResNet block, full attention, ResNet block
+    up, per level: the mirror image, each ResNet block fed the matching skip,
+        nearest-neighbour upsampling
+    final ResNet block on [features, input-conv features], 1x1 conv out
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class SinusoidalTimeEmbedding(nn.Module):
+    """t (B,) -> (B, dim): sin/cos features at geometric frequencies (Vaswani et al. 2017)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half) / (half - 1))
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, t):
+        angles = t.float()[:, None] * self.freqs[None, :]  # (B, dim/2)
+        return torch.cat((angles.sin(), angles.cos()), dim=-1)  # (B, dim)
+
+
+class WeightStandardizedConv2d(nn.Conv2d):
+    """A conv whose kernel is standardized per output channel; it works well
+    with GroupNorm (Qiao et al. 2019, "Weight Standardization")."""
+
+    def forward(self, x):
+        eps = 1e-5 if x.dtype == torch.float32 else 1e-3
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+        w = (w - mean) * (var + eps).rsqrt()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Block(nn.Module):
+    """conv -> GroupNorm -> optional time scale/shift -> SiLU."""
+
+    def __init__(self, dim, dim_out, groups=8):
+        super().__init__()
+        self.proj = WeightStandardizedConv2d(dim, dim_out, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, dim_out)
+        self.act = nn.SiLU()
+
+    def forward(self, x, scale_shift=None):
+        x = self.norm(self.proj(x))
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            x = x * (scale + 1) + shift
+        return self.act(x)
+
+
+class ResnetBlock(nn.Module):
+    """Two Blocks with a residual connection; the time embedding modulates the first."""
+
+    def __init__(self, dim, dim_out, *, time_emb_dim, groups=8):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2))
+        self.block1 = Block(dim, dim_out, groups=groups)
+        self.block2 = Block(dim_out, dim_out, groups=groups)
+        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x, time_emb):
+        scale_shift = self.mlp(time_emb)[:, :, None, None].chunk(2, dim=1)  # 2 x (B, dim_out, 1, 1)
+        h = self.block1(x, scale_shift=scale_shift)
+        h = self.block2(h)
+        return h + self.res_conv(x)
+
+
+class Attention(nn.Module):
+    """Full multi-head self-attention over the H*W positions."""
+
+    def __init__(self, dim, heads=4, dim_head=32):
+        super().__init__()
+        self.heads = heads
+        hidden = heads * dim_head
+        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
+        self.to_out = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):
+        _, _, h, w = x.shape
+        q, k, v = (
+            rearrange(z, "b (h c) x y -> b h (x y) c", h=self.heads)  # (B, heads, HW, dim_head)
+            for z in self.to_qkv(x).chunk(3, dim=1)
+        )
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = rearrange(out, "b h (x y) c -> b (h c) x y", x=h, y=w)
+        return self.to_out(out)
+
+
+class LinearAttention(nn.Module):
+    """Attention linear in H*W (Shen et al. 2018): softmax over features for q,
+    over positions for k, and k^T v is computed first."""
+
+    def __init__(self, dim, heads=4, dim_head=32):
+        super().__init__()
+        self.heads = heads
+        self.scale = dim_head**-0.5
+        hidden = heads * dim_head
+        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
+        self.to_out = nn.Sequential(nn.Conv2d(hidden, dim, 1), nn.GroupNorm(1, dim))
+
+    def forward(self, x):
+        _, _, h, w = x.shape
+        q, k, v = (
+            rearrange(z, "b (h c) x y -> b h c (x y)", h=self.heads)  # (B, heads, dim_head, HW)
+            for z in self.to_qkv(x).chunk(3, dim=1)
+        )
+        q = q.softmax(dim=-2) * self.scale
+        k = k.softmax(dim=-1)
+        context = torch.einsum("bhdn,bhen->bhde", k, v)  # (B, heads, dim_head, dim_head)
+        out = torch.einsum("bhde,bhdn->bhen", context, q)  # (B, heads, dim_head, HW)
+        out = rearrange(out, "b h c (x y) -> b (h c) x y", x=h, y=w)
+        return self.to_out(out)
+
+
+class PreNorm(nn.Module):
+    """fn(GroupNorm(1)(x))."""
+
+    def __init__(self, dim, fn):
+        super().__init__()
+        self.norm = nn.GroupNorm(1, dim)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self.norm(x))
+
+
+class Residual(nn.Module):
+    """x + fn(x). With PreNorm, it wraps each attention layer (the homework's
+    parameter names, so its checkpoints load)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return x + self.fn(x)
+
+
+def Downsample(dim, dim_out):
+    return nn.Conv2d(dim, dim_out, 4, stride=2, padding=1)
+
+
+def Upsample(dim, dim_out):
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim_out, 3, padding=1))
+
+
+class Unet(nn.Module):
+    def __init__(self, dim, init_dim=None, out_dim=None, dim_mults=(1, 2, 4, 8), channels=3, resnet_block_groups=8):
+        super().__init__()
+        self.channels = channels
+        self.dim_mults = tuple(dim_mults)
+        init_dim = init_dim or dim
+        self.out_dim = out_dim or channels
+        self.init_conv = nn.Conv2d(channels, init_dim, 7, padding=3)
+
+        dims = [init_dim, *(dim * m for m in dim_mults)]
+        in_out = list(zip(dims[:-1], dims[1:]))
+        time_dim = dim * 4
+        self.time_mlp = nn.Sequential(
+            SinusoidalTimeEmbedding(dim),
+            nn.Linear(dim, time_dim),
+            nn.GELU(),
+            nn.Linear(time_dim, time_dim),
+        )
+
+        def resnet(a, b):
+            return ResnetBlock(a, b, time_emb_dim=time_dim, groups=resnet_block_groups)
+
+        self.downs = nn.ModuleList()
+        for i, (d_in, d_out) in enumerate(in_out):
+            is_last = i == len(in_out) - 1
+            self.downs.append(nn.ModuleList([
+                resnet(d_in, d_in),
+                resnet(d_in, d_in),
+                Residual(PreNorm(d_in, LinearAttention(d_in))),
+                Downsample(d_in, d_out) if not is_last else nn.Conv2d(d_in, d_out, 3, padding=1),
+            ]))
+
+        mid_dim = dims[-1]
+        self.mid_block1 = resnet(mid_dim, mid_dim)
+        self.mid_attn = Residual(PreNorm(mid_dim, Attention(mid_dim)))
+        self.mid_block2 = resnet(mid_dim, mid_dim)
+
+        self.ups = nn.ModuleList()
+        for i, (d_in, d_out) in enumerate(reversed(in_out)):
+            is_last = i == len(in_out) - 1
+            self.ups.append(nn.ModuleList([
+                resnet(d_out + d_in, d_out),
+                resnet(d_out + d_in, d_out),
+                Residual(PreNorm(d_out, LinearAttention(d_out))),
+                Upsample(d_out, d_in) if not is_last else nn.Conv2d(d_out, d_in, 3, padding=1),
+            ]))
+
+        self.final_res_block = resnet(init_dim * 2, dim)
+        self.final_conv = nn.Conv2d(dim, self.out_dim, 1)
+
+    def forward(self, x, time):
+        """x: (B, C, H, W), time: (B,) long -> predicted noise (B, out_dim, H, W)."""
+        x = self.init_conv(x)
+        r = x
+        t = self.time_mlp(time)  # (B, 4 * dim)
+
+        skips = []
+        for block1, block2, attn, downsample in self.downs:
+            x = block1(x, t)
+            skips.append(x)
+            x = attn(block2(x, t))
+            skips.append(x)
+            x = downsample(x)
+
+        x = self.mid_block2(self.mid_attn(self.mid_block1(x, t)), t)
+
+        for block1, block2, attn, upsample in self.ups:
+            x = block1(torch.cat((x, skips.pop()), dim=1), t)
+            x = attn(block2(torch.cat((x, skips.pop()), dim=1), t))
+            x = upsample(x)
+
+        x = self.final_res_block(torch.cat((x, r), dim=1), t)
+        return self.final_conv(x)
