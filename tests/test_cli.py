@@ -1,0 +1,153 @@
+"""The command line: flags, a real training run and every file it writes, resume, bad input."""
+import dataclasses
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import main
+from conftest import ROOT
+from hw2.config import Config
+
+TINY = ["--image_size", "16", "--unet_dim", "8", "--unet_dim_mults", "1", "2", "--time_steps", "5",
+        "--batch_size", "4", "--num_samples", "4", "--device", "cpu"]
+
+
+def tiny_args(image_root, tmp_path, *extra):
+    return [*TINY, "--data_path", str(image_root), "--save_folder", str(tmp_path / "results"),
+            "--cache_dir", str(tmp_path / "cache"), *extra]
+
+
+def test_defaults_are_the_homework_command():
+    config = main.parse_config([])
+    assert (config.time_steps, config.train_steps, config.image_size, config.batch_size) == (50, 10000, 32, 32)
+    assert (config.learning_rate, config.unet_dim, config.unet_dim_mults) == (1e-3, 16, (1, 2, 4, 8))
+    assert (config.save_and_sample_every, config.data_path, config.data_class) == (1000, "./data/train", "cat")
+    assert (config.seed, config.gradient_accumulate_every, config.fid, config.visualize) == (2024, 2, False, False)
+
+
+def test_every_config_field_is_a_flag_with_help():
+    parser = main.build_parser()
+    flags = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(Config):
+        assert f.name in flags and flags[f.name].help, f.name
+
+
+@pytest.mark.parametrize("args,expected", [([], False), (["--fid"], True), (["--fid", "True"], True),
+                                           (["--fid", "False"], False), (["--fid", "false"], False)])
+def test_boolean_flags_take_the_homework_forms(args, expected):
+    assert main.parse_config(args).fid is expected
+
+
+def test_flag_values_reach_the_config():
+    c = main.parse_config(["--unet_dim_mults", "1", "2", "4", "--image_size", "64", "--learning_rate", "2e-4",
+                           "--data_class", "all", "--load_path", "x.pt"])
+    assert c.unet_dim_mults == (1, 2, 4) and c.image_size == 64 and c.learning_rate == 2e-4
+    assert c.data_class == "all" and c.load_path == "x.pt"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image_size", "36"], "--image_size 36 must be divisible by 8"),
+    (["--image_size", "18", "--unet_dim_mults", "1", "2", "4"], "--image_size 18 must be divisible by 4"),
+    (["--train_steps", "0"], "--train_steps must be a positive integer"),
+    (["--batch_size", "-3"], "--batch_size must be a positive integer"),
+    (["--time_steps", "0"], "--time_steps must be a positive integer"),
+    (["--save_and_sample_every", "0"], "--save_and_sample_every must be a positive"),
+    (["--learning_rate", "0"], "--learning_rate must be positive"),
+    (["--learning_rate", "nan"], "--learning_rate must be positive"),
+    (["--data_class", "horse"], "--data_class must be one of all, cat, dog, wild"),
+    (["--unet_dim", "12"], "--unet_dim must be a multiple of 8"),
+    (["--unet_dim_mults", "1", "0"], "--unet_dim_mults must be positive"),
+    (["--fid", "maybe"], "expected True or False"),
+    (["--batch_size", "many"], "invalid int value"),
+    (["--visualize"], "--visualize needs a trained model"),
+])
+def test_bad_values_are_rejected_in_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main.parse_config(args)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_training_run_writes_every_file(image_root, tmp_path):
+    """A real subprocess run, in the homework's `--fid False` form."""
+    args = tiny_args(image_root, tmp_path, "--train_steps", "4", "--save_and_sample_every", "2", "--fid", "False")
+    proc = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "training completed" in proc.stdout
+    assert "  unet_dim: 8" in proc.stdout and "  fid: False" in proc.stdout
+    assert "steps" in proc.stderr  # the tqdm bar
+
+    out = tmp_path / "results"
+    samples = {f"sample_ddpm_{m}/{i:05d}.png" for m in (1, 2) for i in range(4)}
+    expected = {"model-1.pt", "model-2.pt", "model-latest.pt", "sample-1.png", "sample-2.png", "sample-final.png",
+                "sample_ddpm_1", "sample_ddpm_2"} | samples
+    written = {str(p.relative_to(out)) for p in out.rglob("*")}
+    assert written == expected
+    for name in samples:
+        assert Image.open(out / name).size == (16, 16)
+    for name in ("sample-1.png", "sample-final.png"):
+        assert Image.open(out / name).size == (2 + 2 * 18, 2 + 2 * 18)  # 2x2 grid, 2 px padding
+    ckpt = torch.load(out / "model-2.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["config"]["unet_dim"] == 8
+    assert set(ckpt) >= {"model", "optimizer", "data", "rng", "config"}
+    latest = torch.load(out / "model-latest.pt", weights_only=True)
+    assert all(torch.equal(latest["model"][k], v) for k, v in ckpt["model"].items())
+
+
+def test_resume_continues_exactly(image_root, tmp_path):
+    """N steps, then M more after a restart, give the same weights as N + M in one run."""
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    base = [*TINY, "--data_path", str(image_root), "--cache_dir", str(tmp_path / "cache"), "--save_and_sample_every", "2"]
+    assert main.main([*base, "--save_folder", str(one), "--train_steps", "4"]) == 0
+    assert main.main([*base, "--save_folder", str(two), "--train_steps", "2"]) == 0
+    assert main.main([*base, "--save_folder", str(two), "--train_steps", "4",
+                      "--load_path", str(two / "model-latest.pt")]) == 0
+    a = torch.load(one / "model-latest.pt", weights_only=True)
+    b = torch.load(two / "model-latest.pt", weights_only=True)
+    assert b["step"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    fresh = torch.load(two / "model-1.pt", weights_only=True)
+    assert any(not torch.equal(v, b["model"][k]) for k, v in fresh["model"].items())
+
+
+def run_expecting_error(args, capsys):
+    """main() must exit with 1 and print one 'error: ' line (beside any progress bar), no traceback."""
+    assert main.main(args) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_missing_data_folder(image_root, tmp_path, capsys):
+    args = [*TINY, "--data_path", str(tmp_path / "missing"), "--save_folder", str(tmp_path / "r")]
+    assert "data folder" in run_expecting_error(args, capsys)
+
+
+def test_missing_class_folder(image_root, tmp_path, capsys):
+    shutil.rmtree(image_root / "wild")
+    args = [*TINY, "--data_path", str(image_root), "--data_class", "wild", "--save_folder", str(tmp_path / "r")]
+    assert "wild does not exist (subfolders of" in run_expecting_error(args, capsys)
+
+
+def test_too_few_images_for_a_batch(image_root, tmp_path, capsys):
+    args = [*TINY, "--data_path", str(image_root), "--data_class", "wild", "--batch_size", "8",
+            "--save_folder", str(tmp_path / "r"), "--cache_dir", str(tmp_path / "c")]
+    assert "4 usable images, fewer than one batch of 8" in run_expecting_error(args, capsys)
+
+
+def test_resuming_another_model_names_the_fields(image_root, tmp_path, capsys):
+    base = [*TINY, "--data_path", str(image_root), "--cache_dir", str(tmp_path / "c"), "--save_folder", str(tmp_path / "r")]
+    assert main.main([*base, "--train_steps", "1"]) == 0
+    capsys.readouterr()
+    ckpt = str(tmp_path / "r" / "model-latest.pt")
+    assert main.main([*base, "--unet_dim", "16", "--time_steps", "7", "--load_path", ckpt]) == 1
+    err = capsys.readouterr().err
+    assert "--unet_dim 16 here but 8 in the checkpoint" in err and "--time_steps 7 here but 5" in err
