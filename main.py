@@ -14,7 +14,11 @@ import torch
 
 from diffusion import Diffusion
 from hw2.config import Config
+from hw2.data import training_data
 from hw2.errors import UserError
+from hw2.fid import build_fid
+from hw2.runlog import RunLog
+from hw2.visualize import visualize
 from trainer import Trainer
 from unet import Unet
 
@@ -85,16 +89,23 @@ def run(config):
         print(f"  {name}: {value}")
     print(f"  (running on {device})")
     torch.manual_seed(config.seed)
+    files, images = training_data(config)
     diffusion = build_diffusion(config, device)
-    trainer = Trainer(diffusion, config)
-    if config.load_path:
-        trainer.load(config.load_path)
-        print(f"resumed from {config.load_path} at step {trainer.step}")
-    if config.visualize:
-        from hw2.visualize import visualize
-        visualize(trainer)
-        return
-    trainer.fit()
+    # FID's network and real-image statistics are readied before the first step, so a
+    # missing weights file stops the run now rather than at the first milestone.
+    fid = build_fid(config, files, device) if config.fid and not config.visualize else None
+    logger = RunLog(config, config.wandb)
+    try:
+        trainer = Trainer(diffusion, config, images, logger=logger, fid=fid)
+        if config.load_path:
+            trainer.load(config.load_path)
+            print(f"loaded {config.load_path} (step {trainer.step})")
+        if config.visualize:
+            visualize(trainer, logger)
+        else:
+            trainer.fit()
+    finally:
+        logger.finish()
 
 
 def main(argv=None):

@@ -1,13 +1,15 @@
-"""The training loop: a small class of verbs (train_step, sample, milestone, save, load, fit).
+"""The training loop: a small class of verbs (train_step, sample, evaluate, milestone, save, load, fit).
 
 Files in save_folder, for milestone m = step // save_and_sample_every:
     model-{m}.pt, model-latest.pt   checkpoints (see hw2/checkpoint.py)
     sample_ddpm_{m}/00000.png ...   one PNG per generated image (what FID reads)
     sample-{m}.png                  a grid of the first num_samples of them
     sample-final.png                a grid drawn after the last step
+    metrics.csv, loss.png, fid.png  step, loss, FID and elapsed time, and their plots
 """
 import math
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -15,29 +17,35 @@ from tqdm.auto import tqdm
 
 from hw2.checkpoint import atomic_save, load_checkpoint, unet_state
 from hw2.config import MODEL_FIELDS, Config
-from hw2.data import Batches, training_data
+from hw2.data import Batches
 from hw2.errors import UserError
 from hw2.images import save_grid, save_images
+from hw2.plots import plot_metrics
 
 SAMPLE_CHUNK = 256  # images generated per forward pass when sampling
 
 
 class Trainer:
-    def __init__(self, diffusion, config, images=None, logger=None):
+    def __init__(self, diffusion, config, images, logger=None, fid=None):
         """diffusion: a Diffusion already on its device; config: a Config;
-        images: decoded training images (N, 3, R, R) uint8, read from config.data_path if None;
-        logger: an object with log(dict, step) and log_images(name, images, step), or None."""
+        images: decoded training images (N, 3, R, R) uint8 (hw2.data.training_data);
+        logger: a hw2.runlog.RunLog or None; fid: a hw2.fid.FID or None."""
         self.diffusion = diffusion
         self.model = diffusion.model
         self.config = config
         self.device = diffusion.device
         self.logger = logger
+        self.fid = fid
         self.save_folder = Path(config.save_folder)
-        if images is None:
-            images = training_data(config)
         self.batches = Batches(images, config.image_size, config.batch_size, seed=config.seed)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
         self.step = 0
+        self.elapsed_before = 0.0  # training seconds spent before this process started
+        self.started = time.monotonic()
+
+    @property
+    def elapsed(self):
+        return self.elapsed_before + time.monotonic() - self.started
 
     # one optimizer step
 
@@ -62,7 +70,7 @@ class Trainer:
         self.step += 1
         return loss
 
-    # sampling
+    # sampling and evaluation
 
     @torch.no_grad()
     def sample(self, n, seed):
@@ -76,16 +84,30 @@ class Trainer:
         ]
         return torch.cat(chunks)
 
+    def evaluate(self, folder):
+        """FID of the images in folder: printed, logged to metrics.csv and wandb, plotted."""
+        score = self.fid(folder)
+        tqdm.write(f"step {self.step}: FID {score:.3f}")
+        if self.logger:
+            self.logger.log({"fid": score}, self.step, self.elapsed)
+        return score
+
     def milestone(self):
-        """Save a checkpoint, then draw and save samples."""
+        """Save a checkpoint, then draw and save samples, then FID and plots."""
         m = self.step // self.config.save_and_sample_every
+        if self.logger:
+            self.logger.flush()
         self.save(self.save_folder / f"model-{m}.pt")
-        n = max(self.config.num_samples, self.config.fid_num_samples if self.config.fid else 0)
+        n = max(self.config.num_samples, self.config.fid_num_samples if self.fid else 0)
         images = self.sample(n, seed=self.config.seed + m)
-        save_images(images, self.save_folder / f"sample_ddpm_{m}")
+        folder = self.save_folder / f"sample_ddpm_{m}"
+        save_images(images, folder)
         save_grid(images[: self.config.num_samples], self.save_folder / f"sample-{m}.png")
         if self.logger:
             self.logger.log_images("samples", images[: self.config.num_samples], self.step)
+        if self.fid:
+            self.evaluate(folder)
+        plot_metrics(self.save_folder)
 
     # checkpoints
 
@@ -99,6 +121,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "data": self.batches.state_dict(),
             "rng": rng,
+            "elapsed": self.elapsed,
             "config": self.config.to_dict(),
         }
 
@@ -127,6 +150,8 @@ class Trainer:
         except RuntimeError as e:
             raise UserError(f"{path} does not fit this model ({str(e).splitlines()[0]}): check --unet_dim, --unet_dim_mults") from None
         self.step = int(ckpt.get("step", 0))
+        self.elapsed_before = float(ckpt.get("elapsed", 0.0))
+        self.started = time.monotonic()
         if "optimizer" in ckpt:
             self.opt.load_state_dict(ckpt["optimizer"])
         if "data" in ckpt:
@@ -143,16 +168,21 @@ class Trainer:
         """Train until train_steps, with a milestone every save_and_sample_every steps."""
         cfg = self.config
         self.save_folder.mkdir(parents=True, exist_ok=True)
+        if self.logger:
+            self.logger.truncate(self.step)  # rows past the checkpoint belong to a lost run
         with tqdm(initial=self.step, total=cfg.train_steps, desc="steps", dynamic_ncols=True) as bar:
             while self.step < cfg.train_steps:
                 loss = self.train_step()
                 bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update(1)
                 if self.logger:
-                    self.logger.log({"loss": loss}, self.step)
+                    self.logger.log({"loss": loss}, self.step, self.elapsed)
                 if self.step % cfg.save_and_sample_every == 0:
                     self.milestone()
         if cfg.train_steps % cfg.save_and_sample_every:
+            if self.logger:
+                self.logger.flush()
             self.save(self.save_folder / "model-latest.pt")
+            plot_metrics(self.save_folder)
         save_grid(self.sample(cfg.num_samples, seed=cfg.seed - 1), self.save_folder / "sample-final.png")
         print("training completed")

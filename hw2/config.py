@@ -7,6 +7,7 @@ Defaults are the homework's recommended command.
 from dataclasses import asdict, dataclass, field, fields
 
 CLASSES = ("all", "cat", "dog", "wild")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 def _f(default, help):
@@ -37,7 +38,9 @@ class Config:
     load_path: str = _f(None, "checkpoint to resume training from, or to visualize with --visualize")
     fid: bool = _f(False, "compute FID against the training images at every milestone")
     fid_num_samples: int = _f(512, "generated images per FID evaluation")
+    inception_path: str = _f(None, "clean-fid's inception-2015-12-05.pt, if not in cache_dir (or set $HW2_INCEPTION_PATH)")
     visualize: bool = _f(False, "render the forward and backward diffusion of a training batch from --load_path and exit")
+    wandb: str = _f("auto", "auto (online when logged in to W&B, else offline), online, offline or disabled")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
 
     def __post_init__(self):
@@ -56,6 +59,10 @@ class Config:
             raise ValueError(f"--unet_dim_mults must be positive integers, got {self.unet_dim_mults}")
         if self.data_class not in CLASSES:
             raise ValueError(f"--data_class must be one of {', '.join(CLASSES)}, got {self.data_class!r}")
+        if self.wandb not in WANDB_MODES:
+            raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {self.wandb!r}")
+        if self.fid and self.fid_num_samples < 2:
+            raise ValueError(f"--fid_num_samples must be at least 2 for FID, got {self.fid_num_samples}")
         factor = 2 ** (len(self.unet_dim_mults) - 1)
         if self.image_size % factor:
             raise ValueError(

@@ -190,10 +190,12 @@ class Batches:
 
 
 def training_data(config, progress=True):
-    """Find, decode and cache the configured training images; report skipped files."""
+    """Find, decode and cache the configured training images; report skipped files.
+    Returns (files, images (N, 3, R, R) uint8)."""
     files = find_images(config.data_path, config.data_class)
     images, skipped = load_images(files, resized_side(config.image_size), config.cache_dir, progress)
     if skipped:
         names = ", ".join(p.name for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         print(f"skipped {len(skipped)} unreadable image file(s) of {len(files)}: {names}")
-    return images
+    skipped = set(skipped)
+    return [f for f in files if f not in skipped], images

@@ -1,4 +1,5 @@
 """Shared fixtures: small image folders made on the fly, and a tiny configuration."""
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 AFHQ_SAMPLE = ROOT.parent / "shared" / "afhq_sample"
+
+# Tests never reach W&B's servers: wandb is off unless a test asks for offline mode.
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.pop("WANDB_API_KEY", None)
 
 
 def make_images(folder, count, size=48, seed=0, suffix=".jpg"):

@@ -6,6 +6,7 @@ import zipfile
 import pytest
 
 from hw2 import afhq
+from hw2.download import download
 from hw2.errors import UserError
 
 
@@ -73,9 +74,9 @@ def test_download_resumes_after_a_dropped_connection(server, tmp_path):
     url, handler = server
     handler.cut_after = 1000
     with pytest.raises(UserError, match="stopped early; run the same command again"):
-        afhq.download(url, tmp_path / "afhq.zip", progress=False)
+        download(url, tmp_path / "afhq.zip", progress=False)
     assert (tmp_path / "afhq.zip.part").stat().st_size == 1000
-    target = afhq.download(url, tmp_path / "afhq.zip", progress=False)
+    target = download(url, tmp_path / "afhq.zip", progress=False)
     assert handler.ranges == [0, 1000]
     assert target.read_bytes() == handler.payload
 

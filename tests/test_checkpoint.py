@@ -75,7 +75,7 @@ def test_homework_checkpoints_load(tiny_config, tmp_path):
 
     torch.manual_seed(2)
     ours = Diffusion(Unet(8, dim_mults=(1, 2)), image_size=16, timesteps=10)
-    trainer = Trainer(ours, tiny_config)
+    trainer = Trainer(ours, tiny_config, torch.zeros(8, 3, 18, 18, dtype=torch.uint8))
     trainer.load(path)
     assert trainer.step == 3000
     for k, v in theirs.model.state_dict().items():

@@ -1,5 +1,6 @@
 """The command line: flags, a real training run and every file it writes, resume, bad input."""
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from PIL import Image
 import main
 from conftest import ROOT
 from hw2.config import Config
+from hw2.runlog import read_metrics
+from wandb_records import logged
 
 TINY = ["--image_size", "16", "--unet_dim", "8", "--unet_dim_mults", "1", "2", "--time_steps", "5",
         "--batch_size", "4", "--num_samples", "4", "--device", "cpu"]
@@ -74,8 +77,9 @@ def test_bad_values_are_rejected_in_one_line(args, message, capsys):
 
 
 def test_training_run_writes_every_file(image_root, tmp_path):
-    """A real subprocess run, in the homework's `--fid False` form."""
-    args = tiny_args(image_root, tmp_path, "--train_steps", "4", "--save_and_sample_every", "2", "--fid", "False")
+    """A real subprocess run, in the homework's `--fid False` form, with wandb offline."""
+    args = tiny_args(image_root, tmp_path, "--train_steps", "4", "--save_and_sample_every", "2", "--fid", "False",
+                     "--wandb", "offline")
     proc = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "training completed" in proc.stdout
@@ -85,18 +89,31 @@ def test_training_run_writes_every_file(image_root, tmp_path):
     out = tmp_path / "results"
     samples = {f"sample_ddpm_{m}/{i:05d}.png" for m in (1, 2) for i in range(4)}
     expected = {"model-1.pt", "model-2.pt", "model-latest.pt", "sample-1.png", "sample-2.png", "sample-final.png",
-                "sample_ddpm_1", "sample_ddpm_2"} | samples
-    written = {str(p.relative_to(out)) for p in out.rglob("*")}
+                "sample_ddpm_1", "sample_ddpm_2", "metrics.csv", "loss.png", "wandb"} | samples
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.relative_to(out).parts[0] != "wandb"} | {"wandb"}
+    assert (out / "wandb").is_dir()
     assert written == expected
     for name in samples:
         assert Image.open(out / name).size == (16, 16)
     for name in ("sample-1.png", "sample-final.png"):
         assert Image.open(out / name).size == (2 + 2 * 18, 2 + 2 * 18)  # 2x2 grid, 2 px padding
+    assert Image.open(out / "loss.png").size[0] > 300
     ckpt = torch.load(out / "model-2.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["config"]["unet_dim"] == 8
     assert set(ckpt) >= {"model", "optimizer", "data", "rng", "config"}
     latest = torch.load(out / "model-latest.pt", weights_only=True)
     assert all(torch.equal(latest["model"][k], v) for k, v in ckpt["model"].items())
+
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["loss"] > 0 and r["fid"] is None and r["elapsed_s"] >= 0 for r in rows)
+
+    run, history = logged(next(out.glob("wandb/offline-run-*/run-*.wandb")))
+    assert run.project == "DDPM_AFHQ" and run.display_name == "results"
+    assert [h["loss"] for h in history if "loss" in h] == pytest.approx([r["loss"] for r in rows])
+    assert [h["_step"] for h in history if "samples/_type" in h] == [2, 4]
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert {f.name for f in dataclasses.fields(Config)} <= set(config)
 
 
 def test_resume_continues_exactly(image_root, tmp_path):

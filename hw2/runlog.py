@@ -1,0 +1,135 @@
+"""Where a run's numbers and pictures go: metrics.csv in the save folder, always, and
+wandb (project DDPM_AFHQ), which never blocks or prompts: it runs online when a W&B
+login is found, offline otherwise, and not at all with --wandb disabled."""
+import csv
+import io
+import netrc
+import os
+from pathlib import Path
+
+from hw2.images import grid, to_uint8
+
+PROJECT = "DDPM_AFHQ"
+METRICS_FILE = "metrics.csv"
+COLUMNS = ("step", "loss", "fid", "elapsed_s")
+FLUSH_EVERY = 50  # steps between appends to metrics.csv
+
+
+def wandb_logged_in():
+    """Whether W&B credentials exist, looked up where wandb itself looks, without network."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_mode(choice):
+    """auto -> online if logged in, else offline; an explicit WANDB_MODE wins over auto."""
+    if choice != "auto":
+        return choice
+    return os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
+
+
+def run_name(save_folder):
+    """The save folder's name; './results/' gives 'results', '.' the current folder's name."""
+    return Path(save_folder).resolve().name or "ddpm"
+
+
+def read_metrics(save_folder):
+    """The rows of metrics.csv as dicts of floats (None where a value is blank)."""
+    path = Path(save_folder) / METRICS_FILE
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = []
+        for row in csv.DictReader(f):
+            try:
+                rows.append({k: (float(row[k]) if row.get(k) else None) for k in COLUMNS})
+            except ValueError:
+                continue  # a line cut short by a crash
+        return rows
+
+
+class RunLog:
+    def __init__(self, config, wandb_choice="auto"):
+        self.folder = Path(config.save_folder)
+        self.path = self.folder / METRICS_FILE
+        self.pending = []
+        self.run = None
+        mode = wandb_mode(wandb_choice)
+        if mode != "disabled":
+            import wandb
+
+            self.folder.mkdir(parents=True, exist_ok=True)
+            os.environ.setdefault("WANDB_SILENT", "true")
+            def start(mode):
+                return wandb.init(
+                    project=PROJECT, name=run_name(config.save_folder), config=config.to_dict(),
+                    dir=str(self.folder), mode=mode, settings=wandb.Settings(init_timeout=30),
+                )
+
+            try:
+                self.run = start(mode)
+            except Exception as e:  # no network or a rejected login: keep the run, log offline
+                if mode != "online":
+                    raise
+                print(f"note: wandb could not go online ({type(e).__name__}); logging offline instead")
+                self.run = start("offline")
+
+    def truncate(self, step):
+        """Drop rows after `step` (written after the checkpoint a resumed run starts from)."""
+        rows = [r for r in read_metrics(self.folder) if r["step"] <= step]
+        self._write(rows, "w")
+
+    def log(self, values, step, elapsed):
+        """values: a dict with some of loss and fid."""
+        self.pending.append({"step": step, "elapsed_s": round(elapsed, 3), **values})
+        if self.run is not None:
+            self.run.log(values, step=step)
+        if len(self.pending) >= FLUSH_EVERY or "fid" in values:
+            self.flush()
+
+    def log_images(self, name, images, step):
+        """images: (B, C, H, W) in [0, 1], logged to wandb as one grid."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Image(to_uint8(grid(images)[None])[0])}, step=step)
+
+    def log_file(self, name, path, step=None):
+        """A PNG already on disk (a figure) logged to wandb under name."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Image(str(path))}, step=step)
+
+    def flush(self):
+        if self.pending:
+            self._write(self.pending, "a")
+            self.pending = []
+
+    def _write(self, rows, mode):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        new = mode == "w" or not self.path.is_file()
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+        if mode == "w":
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(text.getvalue())
+            os.replace(tmp, self.path)
+        else:
+            with open(self.path, "a") as f:
+                f.write(text.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+
+    def finish(self):
+        self.flush()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

@@ -1,0 +1,93 @@
+"""The homework's Figures 3 and 4: the forward and the backward diffusion of the first
+training batch at 0, 25, 50, 75 and 99 % of the T steps.
+
+Forward: x_t ~ q(x_t | x_0) at each of those t. Backward: the reverse chain started from
+the forward's last (99 %) noise image itself, in the model's [-1, 1] scale, recorded when
+it passes the same t on its way down; its 0 % column is the final, denoised image.
+Images are rows, steps are labelled columns.
+"""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from diffusion import unnormalize  # noqa: E402
+from hw2.data import Batches  # noqa: E402
+
+FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.99)
+MAX_ROWS = 8
+
+
+def step_indices(T):
+    """0-based t at 0/25/50/75/99 % of T steps."""
+    return [min(int(f * T), T - 1) for f in FRACTIONS]
+
+
+@torch.no_grad()
+def forward_images(diffusion, x_0, ts, generator):
+    """[(B, C, H, W) in [-1, 1] for each t in ts]."""
+    out = []
+    for t in ts:
+        noise = torch.randn(x_0.shape, device=x_0.device, generator=generator)
+        out.append(diffusion.q_sample(x_0, torch.full((x_0.shape[0],), t, device=x_0.device), noise))
+    return out
+
+
+@torch.no_grad()
+def backward_images(diffusion, x_start, ts, generator):
+    """Run p_sample from t = max(ts) down to 0; [(B, C, H, W) in [-1, 1] for each t in ts],
+    where the entry for t is the chain's state x_t and the smallest t gets the final output."""
+    top = max(ts)
+    keep = {t: None for t in ts}
+    x = x_start
+    keep[top] = x
+    for i in reversed(range(top + 1)):
+        x = diffusion.p_sample(x, torch.full((x.shape[0],), i, device=x.device), i, generator=generator)
+        if i - 1 in keep:
+            keep[i - 1] = x
+    keep[min(ts)] = x
+    return [keep[t] for t in ts]
+
+
+def figure(columns, labels, title, path):
+    """columns: list of (B, C, H, W) in [-1, 1] -> a rows x columns PNG at path."""
+    rows = columns[0].shape[0]
+    fig, axes = plt.subplots(rows, len(columns), figsize=(1.4 * len(columns), 1.4 * rows + 0.5), squeeze=False)
+    for j, (images, label) in enumerate(zip(columns, labels)):
+        images = unnormalize(images).cpu()
+        axes[0, j].set_title(label, fontsize=8)
+        for i in range(rows):
+            axes[i, j].imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            axes[i, j].axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def visualize(trainer, logger=None):
+    """Write forward_diffusion.png and backward_diffusion.png into the save folder (and log them)."""
+    cfg, diffusion = trainer.config, trainer.diffusion
+    diffusion.model.eval()
+    first = next(Batches(trainer.batches.images, cfg.image_size, cfg.batch_size, seed=cfg.seed))
+    x_0 = Batches.to_model(first[:MAX_ROWS], trainer.device)
+    ts = step_indices(cfg.time_steps)
+    generator = torch.Generator(device=trainer.device).manual_seed(cfg.seed)
+    forward = forward_images(diffusion, x_0, ts, generator)
+    backward = backward_images(diffusion, forward[-1], ts, generator)
+
+    folder = trainer.save_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = [f"{round(f * 100)}% (t={t})" for f, t in zip(FRACTIONS, ts)]
+    paths = {
+        "forward_diffusion": figure(forward, labels, "Forward diffusion q(x_t | x_0)", folder / "forward_diffusion.png"),
+        "backward_diffusion": figure(backward[::-1], labels[::-1], "Backward diffusion p(x_{t-1} | x_t)",
+                                     folder / "backward_diffusion.png"),
+    }
+    for name, path in paths.items():
+        print(f"saved {path}")
+        if logger:
+            logger.log_file(name, path)
+    return paths
