@@ -15,7 +15,7 @@ import torch
 from diffusion import Diffusion
 from hw2.config import Config
 from hw2.data import training_data
-from hw2.errors import UserError
+from hw2.errors import Interrupted, UserError
 from hw2.fid import build_fid
 from hw2.runlog import RunLog
 from hw2.visualize import visualize
@@ -115,8 +115,12 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        message, status = e.args
+        print(message, file=sys.stderr)
+        return status
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print("\ninterrupted before a checkpoint could be saved", file=sys.stderr)
         return 130
     return 0
 

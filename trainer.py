@@ -9,6 +9,7 @@ Files in save_folder, for milestone m = step // save_and_sample_every:
 """
 import math
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from tqdm.auto import tqdm
 from hw2.checkpoint import atomic_save, load_checkpoint, unet_state
 from hw2.config import MODEL_FIELDS, Config
 from hw2.data import Batches
-from hw2.errors import UserError
+from hw2.errors import Interrupted, UserError
 from hw2.images import save_grid, save_images
+from hw2.interrupt import StopRequests
 from hw2.plots import plot_metrics
 
 SAMPLE_CHUNK = 256  # images generated per forward pass when sampling
@@ -170,8 +172,8 @@ class Trainer:
         self.save_folder.mkdir(parents=True, exist_ok=True)
         if self.logger:
             self.logger.truncate(self.step)  # rows past the checkpoint belong to a lost run
-        with tqdm(initial=self.step, total=cfg.train_steps, desc="steps", dynamic_ncols=True) as bar:
-            while self.step < cfg.train_steps:
+        with StopRequests() as stop, tqdm(initial=self.step, total=cfg.train_steps, desc="steps", dynamic_ncols=True) as bar:
+            while self.step < cfg.train_steps and stop.signal is None:
                 loss = self.train_step()
                 bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update(1)
@@ -179,10 +181,16 @@ class Trainer:
                     self.logger.log({"loss": loss}, self.step, self.elapsed)
                 if self.step % cfg.save_and_sample_every == 0:
                     self.milestone()
-        if cfg.train_steps % cfg.save_and_sample_every:
+        if self.step % cfg.save_and_sample_every:  # the last milestone did not save this step
             if self.logger:
                 self.logger.flush()
             self.save(self.save_folder / "model-latest.pt")
             plot_metrics(self.save_folder)
+        if stop.signal is not None:
+            latest = self.save_folder / "model-latest.pt"
+            saved = (f"the checkpoint {latest} is saved. Resume with the same flags plus --load_path {latest}"
+                     if self.step else "no step was taken, so there is nothing to save")
+            raise Interrupted(f"stopped by {signal.Signals(stop.signal).name} at step {self.step}; {saved}",
+                              128 + stop.signal)
         save_grid(self.sample(cfg.num_samples, seed=cfg.seed - 1), self.save_folder / "sample-final.png")
         print("training completed")

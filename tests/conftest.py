@@ -5,7 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,3 +52,27 @@ def tiny_config(image_root, tmp_path):
         time_steps=10, train_steps=4, batch_size=4, save_and_sample_every=2, num_samples=4,
         save_folder=str(tmp_path / "results"), cache_dir=str(tmp_path / "cache"), device="cpu",
     )
+
+
+class PooledLayers(nn.Module):
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x, 2).flatten(1)  # (B, 12)
+
+
+class StandIn(nn.Module):
+    """Shaped like clean-fid's TorchScript Inception: a `layers` submodule does the work."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = PooledLayers()
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+@pytest.fixture
+def standin_file(tmp_path):
+    path = tmp_path / "standin-inception.pt"
+    with pytest.warns(FutureWarning):  # TorchScript is deprecated, but it is what clean-fid ships
+        torch.jit.script(StandIn()).save(str(path))
+    return path

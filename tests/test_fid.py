@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 import main
 from hw2 import fid as fidmod
@@ -15,30 +14,6 @@ from hw2.runlog import read_metrics
 
 from conftest import make_images
 from test_cli import TINY
-
-
-class PooledLayers(nn.Module):
-    def forward(self, x):
-        return F.adaptive_avg_pool2d(x, 2).flatten(1)  # (B, 12)
-
-
-class StandIn(nn.Module):
-    """Shaped like clean-fid's TorchScript Inception: a `layers` submodule does the work."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = PooledLayers()
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-@pytest.fixture
-def standin_file(tmp_path):
-    path = tmp_path / "standin-inception.pt"
-    with pytest.warns(FutureWarning):  # TorchScript is deprecated, but it is what clean-fid ships
-        torch.jit.script(StandIn()).save(str(path))
-    return path
 
 
 def pooled(x):
