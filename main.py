@@ -7,8 +7,10 @@ Every field of hw2.config.Config is a flag of the same name; `--help` lists them
 """
 import argparse
 import dataclasses
+import os
 import sys
 import typing
+from pathlib import Path
 
 import torch
 
@@ -82,12 +84,24 @@ def build_diffusion(config, device):
     return Diffusion(model, image_size=config.image_size, timesteps=config.time_steps).to(device)
 
 
+def check_writable(folder):
+    """Fail now, not at the first milestone, when the save folder cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --save_folder {folder} ({e.strerror or e}); choose another folder") from None
+
+
 def run(config):
     device = pick_device(config.device)
     print("config:")
     for name, value in config.to_dict().items():
         print(f"  {name}: {value}")
     print(f"  (running on {device})")
+    check_writable(Path(config.save_folder))
     torch.manual_seed(config.seed)
     files, images = training_data(config)
     diffusion = build_diffusion(config, device)
@@ -119,6 +133,10 @@ def main(argv=None):
         message, status = e.args
         print(message, file=sys.stderr)
         return status
+    except OSError as e:  # a disk or permission problem outside the places that explain themselves
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: could not read or write{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted before a checkpoint could be saved", file=sys.stderr)
         return 130

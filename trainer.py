@@ -8,6 +8,7 @@ Files in save_folder, for milestone m = step // save_and_sample_every:
     metrics.csv, loss.png, fid.png  step, loss, FID and elapsed time, and their plots
 """
 import math
+import random
 import shutil
 import signal
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hw2.checkpoint import atomic_save, load_checkpoint, unet_state
+from hw2.checkpoint import atomic_save, load_checkpoint, numpy_state_from_tensor, numpy_state_to_tensor, unet_state
 from hw2.config import MODEL_FIELDS, Config
 from hw2.data import Batches
 from hw2.errors import Interrupted, UserError
@@ -114,7 +115,7 @@ class Trainer:
     # checkpoints
 
     def state_dict(self):
-        rng = {"torch": torch.get_rng_state()}
+        rng = {"torch": torch.get_rng_state(), "numpy": numpy_state_to_tensor(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
@@ -128,14 +129,30 @@ class Trainer:
         }
 
     def save(self, path):
-        """Write the checkpoint to path and copy it to model-latest.pt, each atomically."""
-        self.save_folder.mkdir(parents=True, exist_ok=True)
-        atomic_save(self.state_dict(), path)
+        """Write the checkpoint to path and copy it to model-latest.pt, each atomically; then
+        drop numbered checkpoints beyond --keep_checkpoints. A failed write (a full disk, a
+        folder that cannot be written) leaves the previous checkpoints as they were."""
         latest = self.save_folder / "model-latest.pt"
-        if Path(path) != latest:
-            tmp = latest.with_name(f".{latest.name}.tmp")
-            shutil.copyfile(path, tmp)
-            tmp.replace(latest)
+        try:
+            self.save_folder.mkdir(parents=True, exist_ok=True)
+            atomic_save(self.state_dict(), path)
+            if Path(path) != latest:
+                tmp = latest.with_name(f".{latest.name}.tmp")
+                try:
+                    shutil.copyfile(path, tmp)
+                    tmp.replace(latest)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"could not write the checkpoint {path} ({e.strerror or e}); the previous checkpoint {latest} is "
+                f"intact. Free some space or choose another --save_folder, then resume with --load_path"
+            ) from None
+        if self.config.keep_checkpoints:
+            numbered = sorted((int(p.stem[len("model-"):]), p) for p in self.save_folder.glob("model-*.pt")
+                              if p.stem[len("model-"):].isdigit())
+            for _, old in numbered[: -self.config.keep_checkpoints]:
+                old.unlink()
 
     def load(self, path):
         """Resume from a checkpoint: weights, optimizer, step, data order and RNG states.
@@ -161,6 +178,10 @@ class Trainer:
         rng = ckpt.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
+        if "numpy" in rng:
+            numpy_state_from_tensor(rng["numpy"])
+        if "python" in rng:
+            random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
         if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
 

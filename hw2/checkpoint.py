@@ -10,6 +10,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hw2.errors import UserError
@@ -58,3 +59,15 @@ def unet_state(model_state):
     if any(k.startswith("model.") for k in model_state):
         return {k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")}
     return model_state
+
+
+def numpy_state_to_tensor():
+    """numpy's global MT19937 state as tensors and ints (weights_only files hold no arrays)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def numpy_state_from_tensor(state):
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["cached"]))

@@ -4,6 +4,7 @@ main.py turns every field into a flag of the same name (the help text is the
 field's `help`), checkpoints store it, and a model can be rebuilt from it alone.
 Defaults are the homework's recommended command.
 """
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 CLASSES = ("all", "cat", "dog", "wild")
@@ -35,6 +36,7 @@ class Config:
     save_folder: str = _f("./results", "where checkpoints, sample images and plots go")
     save_and_sample_every: int = _f(1000, "steps between milestones (checkpoint + samples)")
     num_samples: int = _f(64, "images in each milestone's sample grid")
+    keep_checkpoints: int = _f(0, "numbered milestone checkpoints to keep, newest first (0 keeps all)")
     load_path: str = _f(None, "checkpoint to resume training from, or to visualize with --visualize")
     fid: bool = _f(False, "compute FID against the training images at every milestone")
     fid_num_samples: int = _f(512, "generated images per FID evaluation")
@@ -59,6 +61,10 @@ class Config:
             raise ValueError(f"--unet_dim_mults must be positive integers, got {self.unet_dim_mults}")
         if self.data_class not in CLASSES:
             raise ValueError(f"--data_class must be one of {', '.join(CLASSES)}, got {self.data_class!r}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"--keep_checkpoints must be 0 (keep all) or more, got {self.keep_checkpoints}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.wandb not in WANDB_MODES:
             raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {self.wandb!r}")
         if self.fid and self.fid_num_samples < 2:

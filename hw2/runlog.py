@@ -12,7 +12,7 @@ from hw2.images import grid, to_uint8
 PROJECT = "DDPM_AFHQ"
 METRICS_FILE = "metrics.csv"
 COLUMNS = ("step", "loss", "fid", "elapsed_s")
-FLUSH_EVERY = 50  # steps between appends to metrics.csv
+FLUSH_EVERY = 50  # logged rows between rewrites of metrics.csv
 
 
 def wandb_logged_in():
@@ -47,8 +47,8 @@ def read_metrics(save_folder):
         for row in csv.DictReader(f):
             try:
                 rows.append({k: (float(row[k]) if row.get(k) else None) for k in COLUMNS})
-            except ValueError:
-                continue  # a line cut short by a crash
+            except (ValueError, TypeError):
+                continue  # not a row this version wrote
         return rows
 
 
@@ -56,7 +56,8 @@ class RunLog:
     def __init__(self, config, wandb_choice="auto"):
         self.folder = Path(config.save_folder)
         self.path = self.folder / METRICS_FILE
-        self.pending = []
+        self.rows = read_metrics(self.folder)
+        self.unsaved = 0
         self.run = None
         mode = wandb_mode(wandb_choice)
         if mode != "disabled":
@@ -64,6 +65,7 @@ class RunLog:
 
             self.folder.mkdir(parents=True, exist_ok=True)
             os.environ.setdefault("WANDB_SILENT", "true")
+
             def start(mode):
                 return wandb.init(
                     project=PROJECT, name=run_name(config.save_folder), config=config.to_dict(),
@@ -79,16 +81,20 @@ class RunLog:
                 self.run = start("offline")
 
     def truncate(self, step):
-        """Drop rows after `step` (written after the checkpoint a resumed run starts from)."""
-        rows = [r for r in read_metrics(self.folder) if r["step"] <= step]
-        self._write(rows, "w")
+        """Drop rows after `step`: they were written after the checkpoint a resumed run starts from."""
+        self.rows = [r for r in self.rows if r["step"] <= step]
+        self.flush(force=True)
 
     def log(self, values, step, elapsed):
         """values: a dict with some of loss and fid."""
-        self.pending.append({"step": step, "elapsed_s": round(elapsed, 3), **values})
+        if self.rows and self.rows[-1]["step"] == step:
+            self.rows[-1].update(values)  # FID joins the loss of its step
+        else:
+            self.rows.append({"step": step, "loss": None, "fid": None, "elapsed_s": round(elapsed, 3), **values})
+        self.unsaved += 1
         if self.run is not None:
             self.run.log(values, step=step)
-        if len(self.pending) >= FLUSH_EVERY or "fid" in values:
+        if self.unsaved >= FLUSH_EVERY or "fid" in values:
             self.flush()
 
     def log_images(self, name, images, step):
@@ -105,28 +111,23 @@ class RunLog:
 
             self.run.log({name: wandb.Image(str(path))}, step=step)
 
-    def flush(self):
-        if self.pending:
-            self._write(self.pending, "a")
-            self.pending = []
-
-    def _write(self, rows, mode):
+    def flush(self, force=False):
+        """Rewrite metrics.csv whole, through a temporary file renamed into place, so a crash
+        leaves the previous version rather than a half-written line."""
+        if not (self.unsaved or force):
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
-        new = mode == "w" or not self.path.is_file()
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        if mode == "w":
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text(text.getvalue())
-            os.replace(tmp, self.path)
-        else:
-            with open(self.path, "a") as f:
-                f.write(text.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in self.rows)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.unsaved = 0
 
     def finish(self):
         self.flush()

@@ -81,3 +81,19 @@ def test_homework_checkpoints_load(tiny_config, tmp_path):
     for k, v in theirs.model.state_dict().items():
         assert torch.equal(ours.model.state_dict()[k], v)
     assert unet_state(theirs.state_dict()).keys() == theirs.model.state_dict().keys()
+
+
+def test_every_random_state_round_trips_through_a_checkpoint(tiny_config, tmp_path):
+    import random
+
+    import numpy as np
+
+    trainer = Trainer(Diffusion(Unet(8, dim_mults=(1, 2)), image_size=16, timesteps=10), tiny_config,
+                      torch.randint(0, 255, (8, 3, 18, 18), dtype=torch.uint8))
+    trainer.save(tmp_path / "model-1.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random(), next(trainer.batches))
+    torch.rand(5), np.random.rand(5), random.random(), next(trainer.batches)  # move every stream on
+    trainer.load(tmp_path / "model-1.pt")
+    got = (torch.rand(3), np.random.rand(3), random.random(), next(trainer.batches))
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2] and torch.equal(got[3], expected[3])

@@ -169,3 +169,13 @@ def test_real_afhq_images_load(tmp_path):
     images, skipped = load_images(find_images(AFHQ_SAMPLE, "cat"), 35, tmp_path)
     assert images.shape == (22, 3, 35, 35) and not skipped
     assert 30 < images.float().mean() < 220
+
+
+def test_decompression_bombs_are_skipped(tmp_path, monkeypatch):
+    folder = make_images(tmp_path / "cat", 2)
+    Image.new("RGB", (60, 60)).save(folder / "big.png")  # over our limit
+    Image.new("RGB", (100, 100)).save(folder / "bomb.png")  # over twice the limit: PIL refuses it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # the 48 px images pass
+    images, skipped = load_images(find_images(tmp_path, "cat"), 20)
+    assert images.shape[0] == 2
+    assert sorted(p.name for p in skipped) == ["big.png", "bomb.png"]
