@@ -119,7 +119,7 @@ class Diffusion(nn.Module):
         )
         return mean, extract(self.posterior_variance, t, x_t.shape)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def p_sample(self, x, t, t_index, generator=None):
         """One reverse step x_t -> x_{t-1}; t: (B,) long, t_index: the same step as an int.
 
@@ -134,7 +134,7 @@ class Diffusion(nn.Module):
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         return mean + variance.sqrt() * noise
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def p_sample_loop(self, img, generator=None):
         """Run the whole reverse chain from the noise image img (B, C, H, W); returns [0, 1]."""
         b = img.shape[0]
@@ -143,7 +143,7 @@ class Diffusion(nn.Module):
             img = self.p_sample(img, t, i, generator=generator)
         return unnormalize(img)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(self, batch_size=16, generator=None):
         """Draw batch_size images, (B, C, H, W) in [0, 1]."""
         shape = (batch_size, self.channels, self.image_size, self.image_size)

@@ -19,6 +19,7 @@ from hw2.config import Config
 from hw2.data import training_data
 from hw2.errors import Interrupted, UserError
 from hw2.fid import build_fid
+from hw2.precision import amp_dtype
 from hw2.runlog import RunLog
 from hw2.visualize import visualize
 from trainer import Trainer
@@ -81,6 +82,8 @@ def pick_device(name):
 
 def build_diffusion(config, device):
     model = Unet(dim=config.unet_dim, dim_mults=config.unet_dim_mults)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return Diffusion(model, image_size=config.image_size, timesteps=config.time_steps).to(device)
 
 
@@ -100,7 +103,8 @@ def run(config):
     print("config:")
     for name, value in config.to_dict().items():
         print(f"  {name}: {value}")
-    print(f"  (running on {device})")
+    dtype = amp_dtype(config.amp, device)
+    print(f"  (running on {device}, {'float32' if dtype is None else str(dtype).replace('torch.', '') + ' autocast'})")
     check_writable(Path(config.save_folder))
     torch.manual_seed(config.seed)
     files, images = training_data(config)
@@ -110,7 +114,7 @@ def run(config):
     fid = build_fid(config, files, device) if config.fid and not config.visualize else None
     logger = RunLog(config, config.wandb)
     try:
-        trainer = Trainer(diffusion, config, images, logger=logger, fid=fid)
+        trainer = Trainer(diffusion, config, images, logger=logger, fid=fid, amp_dtype=dtype)
         if config.load_path:
             trainer.load(config.load_path)
             print(f"loaded {config.load_path} (step {trainer.step})")

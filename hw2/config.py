@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 CLASSES = ("all", "cat", "dog", "wild")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
 
 def _f(default, help):
@@ -32,6 +33,8 @@ class Config:
     gradient_accumulate_every: int = _f(2, "forward passes per optimizer step (effective batch = batch_size x this)")
     learning_rate: float = _f(1e-3, "Adam learning rate")
     seed: int = _f(2024, "seed for weights, data order, noise and samples")
+    channels_last: bool = _f(False, "store the U-Net's activations channels-last (NHWC); see benchmarks/")
+    amp: str = _f("auto", "mixed precision: auto (bf16/fp16 on CUDA, bf16 on CPUs with native bf16), off, bf16 or fp16")
     # outputs
     save_folder: str = _f("./results", "where checkpoints, sample images and plots go")
     save_and_sample_every: int = _f(1000, "steps between milestones (checkpoint + samples)")
@@ -65,6 +68,8 @@ class Config:
             raise ValueError(f"--keep_checkpoints must be 0 (keep all) or more, got {self.keep_checkpoints}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.wandb not in WANDB_MODES:
             raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {self.wandb!r}")
         if self.fid and self.fid_num_samples < 2:

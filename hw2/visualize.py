@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from diffusion import unnormalize  # noqa: E402
 from hw2.data import Batches  # noqa: E402
+from hw2.precision import autocast  # noqa: E402
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.99)
 MAX_ROWS = 8
@@ -76,7 +77,8 @@ def visualize(trainer, logger=None):
     ts = step_indices(cfg.time_steps)
     generator = torch.Generator(device=trainer.device).manual_seed(cfg.seed)
     forward = forward_images(diffusion, x_0, ts, generator)
-    backward = backward_images(diffusion, forward[-1], ts, generator)
+    with autocast(trainer.device, trainer.amp_dtype):
+        backward = [x.float() for x in backward_images(diffusion, forward[-1], ts, generator)]
 
     folder = trainer.save_folder
     folder.mkdir(parents=True, exist_ok=True)
