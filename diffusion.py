@@ -95,12 +95,14 @@ class Diffusion(nn.Module):
         predicted = self.model(x_t, t)
         return F.l1_loss(predicted.float(), noise.float())
 
-    def forward(self, x_0, noise=None):
-        """x_0: (B, C, H, W) in [-1, 1] -> the scalar loss at t ~ U{0, ..., T-1}."""
+    def forward(self, x_0, noise=None, t=None):
+        """x_0: (B, C, H, W) in [-1, 1] -> the scalar loss at t ~ U{0, ..., T-1}
+        (t and noise are drawn here unless given)."""
         b, c, h, w = x_0.shape
         if (c, h, w) != (self.channels, self.image_size, self.image_size):
             raise ValueError(f"expected images of shape {(self.channels, self.image_size, self.image_size)}, got {(c, h, w)}")
-        t = torch.randint(0, self.num_timesteps, (b,), device=x_0.device, dtype=torch.long)
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (b,), device=x_0.device, dtype=torch.long)
         return self.p_loss(x_0, t, noise)
 
     # reverse process p(x_{t-1} | x_t), Algorithm 2

@@ -16,7 +16,9 @@ import torch
 
 from diffusion import Diffusion
 from hw2.config import Config
+from hw2 import distributed
 from hw2.data import training_data
+from hw2.distributed import Processes
 from hw2.errors import Interrupted, UserError
 from hw2.fid import build_fid
 from hw2.precision import amp_dtype
@@ -98,53 +100,76 @@ def check_writable(folder):
         raise UserError(f"cannot write to --save_folder {folder} ({e.strerror or e}); choose another folder") from None
 
 
-def run(config):
-    device = pick_device(config.device)
-    print("config:")
-    for name, value in config.to_dict().items():
-        print(f"  {name}: {value}")
+def run(config, procs=Processes(), procs_device=None):
+    """procs, procs_device: from hw2.distributed.start (one GPU per process under torchrun)."""
+    device = procs_device or pick_device(config.device)
     dtype = amp_dtype(config.amp, device)
-    print(f"  (running on {device}, {'float32' if dtype is None else str(dtype).replace('torch.', '') + ' autocast'})")
-    check_writable(Path(config.save_folder))
-    torch.manual_seed(config.seed)
-    files, images = training_data(config)
+    if procs.main:
+        print("config:")
+        for name, value in config.to_dict().items():
+            print(f"  {name}: {value}")
+        precision = "float32" if dtype is None else str(dtype).replace("torch.", "") + " autocast"
+        processes = f", {procs.world} processes" if procs.distributed else ""
+        print(f"  (running on {device}, {precision}{processes})")
+        check_writable(Path(config.save_folder))
+    torch.manual_seed(config.seed)  # the same on every process: same weights, data order and draws
+    if procs.main:
+        files, images = training_data(config)
+    procs.barrier()  # the others then read the decoded images from rank 0's cache
+    if not procs.main:
+        files, images = training_data(config, progress=False)
+    if config.visualize and not procs.main:
+        return
     diffusion = build_diffusion(config, device)
     # FID's network and real-image statistics are readied before the first step, so a
     # missing weights file stops the run now rather than at the first milestone.
-    fid = build_fid(config, files, device) if config.fid and not config.visualize else None
-    logger = RunLog(config, config.wandb)
+    fid = build_fid(config, files, device) if config.fid and not config.visualize and procs.main else None
+    logger = RunLog(config, config.wandb) if procs.main else None
     try:
-        trainer = Trainer(diffusion, config, images, logger=logger, fid=fid, amp_dtype=dtype)
+        alone = Processes() if config.visualize else procs  # rank 0 draws the figures by itself
+        trainer = Trainer(diffusion, config, images, logger=logger, fid=fid, amp_dtype=dtype, processes=alone)
         if config.load_path:
             trainer.load(config.load_path)
-            print(f"loaded {config.load_path} (step {trainer.step})")
+            if procs.main:
+                print(f"loaded {config.load_path} (step {trainer.step})")
         if config.visualize:
             visualize(trainer, logger)
         else:
             trainer.fit()
     finally:
-        logger.finish()
+        if logger:
+            logger.finish()
 
 
 def main(argv=None):
     config = parse_config(argv)
+    procs = Processes()
     try:
-        run(config)
+        procs, procs_device = distributed.start(config.device)
+        run(config, procs, procs_device)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(procs, f"error: {e}")
         return 1
     except Interrupted as e:
         message, status = e.args
-        print(message, file=sys.stderr)
+        report(procs, message)
         return status
     except OSError as e:  # a disk or permission problem outside the places that explain themselves
         where = f" {e.filename}" if e.filename else ""
-        print(f"error: could not read or write{where}: {e.strerror or e}", file=sys.stderr)
+        report(procs, f"error: could not read or write{where}: {e.strerror or e}")
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted before a checkpoint could be saved", file=sys.stderr)
+        report(procs, "\ninterrupted before a checkpoint could be saved")
         return 130
+    finally:
+        distributed.stop()
     return 0
+
+
+def report(procs, message):
+    """Errors are printed once, by rank 0 (every process exits with the status)."""
+    if procs.main:
+        print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":

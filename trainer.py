@@ -7,6 +7,7 @@ Files in save_folder, for milestone m = step // save_and_sample_every:
     sample-final.png                a grid drawn after the last step
     metrics.csv, loss.png, fid.png  step, loss, FID and elapsed time, and their plots
 """
+import contextlib
 import math
 import random
 import shutil
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from hw2.checkpoint import atomic_save, load_checkpoint, numpy_state_from_tensor, numpy_state_to_tensor, unet_state
 from hw2.config import MODEL_FIELDS, Config
 from hw2.data import Batches
+from hw2.distributed import Processes
 from hw2.errors import Interrupted, UserError
 from hw2.images import save_grid, save_images
 from hw2.interrupt import StopRequests
@@ -30,8 +32,8 @@ SAMPLE_CHUNK = 256  # images generated per forward pass when sampling
 
 
 def make_adam(params, lr):
-    """Adam, with the fused kernel where this torch has it for these tensors (about 8 % off
-    a CPU training step at the homework size; benchmarks/ measures it)."""
+    """Adam, with the fused kernel where this torch has it for these tensors: one kernel for
+    all parameters instead of several per parameter. Same update; benchmarks/ measures it."""
     params = list(params)
     if params[0].device.type in ("cpu", "cuda"):  # fused MPS kernels are newer; not relied on
         try:
@@ -42,11 +44,12 @@ def make_adam(params, lr):
 
 
 class Trainer:
-    def __init__(self, diffusion, config, images, logger=None, fid=None, amp_dtype=None):
+    def __init__(self, diffusion, config, images, logger=None, fid=None, amp_dtype=None, processes=Processes()):
         """diffusion: a Diffusion already on its device; config: a Config;
         images: decoded training images (N, 3, R, R) uint8 (hw2.data.training_data);
         logger: a hw2.runlog.RunLog or None; fid: a hw2.fid.FID or None;
-        amp_dtype: the autocast dtype (hw2.precision.amp_dtype), None for float32."""
+        amp_dtype: the autocast dtype (hw2.precision.amp_dtype), None for float32;
+        processes: this process's place among torchrun's (hw2.distributed)."""
         self.diffusion = diffusion
         self.model = diffusion.model
         self.config = config
@@ -54,7 +57,15 @@ class Trainer:
         self.logger = logger
         self.fid = fid
         self.save_folder = Path(config.save_folder)
-        self.batches = Batches(images, config.image_size, config.batch_size, seed=config.seed)
+        self.procs = processes
+        self.batches = Batches(images, config.image_size, config.batch_size, seed=config.seed,
+                               rank=processes.rank, world=processes.world)
+        self.train_module = diffusion  # what the loss is computed through: DDP's wrapper when distributed
+        if processes.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_module = DistributedDataParallel(diffusion, device_ids=ids, broadcast_buffers=False)
         self.opt = make_adam(self.model.parameters(), config.learning_rate)
         self.amp_dtype = amp_dtype
         # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
@@ -69,18 +80,32 @@ class Trainer:
 
     # one optimizer step
 
+    def draw_t_and_noise(self, x_0):
+        """t (B,) and eps (B, C, H, W) for this process's images: every process draws them for
+        the whole global batch and keeps its slice, as the data pipeline does."""
+        b, world = x_0.shape[0], self.procs.world
+        t = torch.randint(0, self.diffusion.num_timesteps, (b * world,), device=self.device)
+        noise = torch.randn((b * world, *x_0.shape[1:]), device=self.device)
+        mine = slice(self.procs.rank * b, (self.procs.rank + 1) * b)
+        return t[mine], noise[mine]
+
     def train_step(self):
         """gradient_accumulate_every forward/backward passes, one Adam step; returns the mean loss."""
         self.model.train()
         accumulate = self.config.gradient_accumulate_every
         total = torch.zeros((), device=self.device)
-        for _ in range(accumulate):
+        for k in range(accumulate):
             x_0 = Batches.to_model(next(self.batches), self.device)
-            with autocast(self.device, self.amp_dtype):
-                loss = self.diffusion(x_0) / accumulate
-            self.scaler.scale(loss).backward()
+            t, noise = self.draw_t_and_noise(x_0)
+            last = k == accumulate - 1
+            # processes exchange gradients once per step, on its last pass
+            sync = contextlib.nullcontext() if last or not self.procs.distributed else self.train_module.no_sync()
+            with sync:
+                with autocast(self.device, self.amp_dtype):
+                    loss = self.train_module(x_0, noise=noise, t=t) / accumulate
+                self.scaler.scale(loss).backward()
             total += loss.detach()
-        loss = total.item()
+        loss = self.procs.mean(total).item()
         if not math.isfinite(loss):
             raise UserError(
                 f"the loss became {loss} at step {self.step + 1}; training stopped and no checkpoint was "
@@ -99,13 +124,14 @@ class Trainer:
         """n images (n, C, H, W) in [0, 1], from a generator of their own so that sampling
         never disturbs the training randomness (and a resumed run stays exact)."""
         self.model.eval()
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        share = math.ceil(n / self.procs.world)  # each process draws a share; all get them all
+        generator = torch.Generator(device=self.device).manual_seed(seed + 7919 * self.procs.rank)
         with autocast(self.device, self.amp_dtype):
             chunks = [
-                self.diffusion.sample(min(SAMPLE_CHUNK, n - start), generator=generator).float().cpu()
-                for start in range(0, n, SAMPLE_CHUNK)
+                self.diffusion.sample(min(SAMPLE_CHUNK, share - start), generator=generator).float()
+                for start in range(0, share, SAMPLE_CHUNK)
             ]
-        return torch.cat(chunks)
+        return self.procs.gather(torch.cat(chunks))[:n].cpu()
 
     def evaluate(self, folder):
         """FID of the images in folder: printed, logged to metrics.csv and wandb, plotted."""
@@ -121,8 +147,10 @@ class Trainer:
         if self.logger:
             self.logger.flush()
         self.save(self.save_folder / f"model-{m}.pt")
-        n = max(self.config.num_samples, self.config.fid_num_samples if self.fid else 0)
-        images = self.sample(n, seed=self.config.seed + m)
+        n = max(self.config.num_samples, self.config.fid_num_samples if self.config.fid else 0)
+        images = self.sample(n, seed=self.config.seed + m)  # every process takes part
+        if not self.procs.main:
+            return
         folder = self.save_folder / f"sample_ddpm_{m}"
         save_images(images, folder)
         save_grid(images[: self.config.num_samples], self.save_folder / f"sample-{m}.png")
@@ -153,6 +181,8 @@ class Trainer:
         """Write the checkpoint to path and copy it to model-latest.pt, each atomically; then
         drop numbered checkpoints beyond --keep_checkpoints. A failed write (a full disk, a
         folder that cannot be written) leaves the previous checkpoints as they were."""
+        if not self.procs.main:
+            return
         latest = self.save_folder / "model-latest.pt"
         try:
             self.save_folder.mkdir(parents=True, exist_ok=True)
@@ -213,11 +243,11 @@ class Trainer:
     def fit(self):
         """Train until train_steps, with a milestone every save_and_sample_every steps."""
         cfg = self.config
-        self.save_folder.mkdir(parents=True, exist_ok=True)
         if self.logger:
             self.logger.truncate(self.step)  # rows past the checkpoint belong to a lost run
-        with StopRequests() as stop, tqdm(initial=self.step, total=cfg.train_steps, desc="steps", dynamic_ncols=True) as bar:
-            while self.step < cfg.train_steps and stop.signal is None:
+        with StopRequests() as stop, tqdm(initial=self.step, total=cfg.train_steps, desc="steps",
+                                          dynamic_ncols=True, disable=not self.procs.main) as bar:
+            while self.step < cfg.train_steps and not self.procs.any(stop.signal is not None):
                 loss = self.train_step()
                 bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update(1)
@@ -229,12 +259,15 @@ class Trainer:
             if self.logger:
                 self.logger.flush()
             self.save(self.save_folder / "model-latest.pt")
-            plot_metrics(self.save_folder)
-        if stop.signal is not None:
+            if self.procs.main:
+                plot_metrics(self.save_folder)
+        if self.procs.any(stop.signal is not None):  # a collective: every process must ask
             latest = self.save_folder / "model-latest.pt"
             saved = (f"the checkpoint {latest} is saved. Resume with the same flags plus --load_path {latest}"
                      if self.step else "no step was taken, so there is nothing to save")
-            raise Interrupted(f"stopped by {signal.Signals(stop.signal).name} at step {self.step}; {saved}",
-                              128 + stop.signal)
-        save_grid(self.sample(cfg.num_samples, seed=cfg.seed - 1), self.save_folder / "sample-final.png")
-        print("training completed")
+            signum = stop.signal or signal.SIGTERM  # another process was signalled
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {self.step}; {saved}", 128 + signum)
+        final = self.sample(cfg.num_samples, seed=cfg.seed - 1)
+        if self.procs.main:
+            save_grid(final, self.save_folder / "sample-final.png")
+            print("training completed")

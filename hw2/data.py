@@ -130,18 +130,23 @@ class Batches:
     partial batch; each draw crops every image at a random S x S window and flips
     half of them horizontally. All randomness comes from one generator whose
     state is part of state_dict(), so a resumed run sees the same batches.
+
+    With several processes (rank, world), every process draws the same global batch of
+    batch_size x world images and keeps its own slice of it.
     """
 
-    def __init__(self, images, image_size, batch_size, seed):
+    def __init__(self, images, image_size, batch_size, seed, rank=0, world=1):
         n = images.shape[0]
-        if n < batch_size:
+        if n < batch_size * world:
+            per = f" ({world} processes x {batch_size})" if world > 1 else ""
             raise UserError(
-                f"the dataset has {n} usable images, fewer than one batch of {batch_size}: "
+                f"the dataset has {n} usable images, fewer than one batch of {batch_size * world}{per}: "
                 f"add images or lower --batch_size"
             )
         self.images = images  # (N, 3, R, R) uint8
         self.image_size = image_size
         self.batch_size = batch_size
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
         self.order = torch.randperm(n, generator=self.generator)
         self.position = 0
@@ -151,7 +156,7 @@ class Batches:
         return self
 
     def __next__(self):
-        n, b, s = self.images.shape[0], self.batch_size, self.image_size
+        n, b, s = self.images.shape[0], self.batch_size * self.world, self.image_size
         if self.position + b > n:
             self.order = torch.randperm(n, generator=self.generator)
             self.position = 0
@@ -162,8 +167,10 @@ class Batches:
         r = self.images.shape[-1]
         corners = torch.randint(0, r - s + 1, (b, 2), generator=self.generator).tolist()
         flips = (torch.rand(b, generator=self.generator) < 0.5).tolist()
-        batch = torch.empty((b, 3, s, s), dtype=torch.uint8)
-        for k, (i, (y, x), flip) in enumerate(zip(index.tolist(), corners, flips)):
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        index, corners, flips = index[mine].tolist(), corners[mine], flips[mine]
+        batch = torch.empty((len(index), 3, s, s), dtype=torch.uint8)
+        for k, (i, (y, x), flip) in enumerate(zip(index, corners, flips)):
             crop = self.images[i, :, y:y + s, x:x + s]
             batch[k] = crop.flip(-1) if flip else crop
         return batch
