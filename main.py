@@ -82,6 +82,15 @@ def pick_device(name):
     return torch.device("cpu")
 
 
+def use_fast_float32(device):
+    """On CUDA, let float32 matrix products and convolutions use TF32 tensor cores (Ampere
+    and newer); autocast covers most of the model, this covers what stays in float32."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
 def build_diffusion(config, device):
     model = Unet(dim=config.unet_dim, dim_mults=config.unet_dim_mults)
     if config.channels_last:
@@ -103,6 +112,7 @@ def check_writable(folder):
 def run(config, procs=Processes(), procs_device=None):
     """procs, procs_device: from hw2.distributed.start (one GPU per process under torchrun)."""
     device = procs_device or pick_device(config.device)
+    use_fast_float32(device)
     dtype = amp_dtype(config.amp, device)
     if procs.main:
         print("config:")
@@ -167,9 +177,10 @@ def main(argv=None):
 
 
 def report(procs, message):
-    """Errors are printed once, by rank 0 (every process exits with the status)."""
-    if procs.main:
-        print(message, file=sys.stderr)
+    """Rank 0 prints what went wrong; another process prints it too, marked with its rank,
+    since the failure may be its alone (every process exits with the status)."""
+    prefix = "" if procs.main else f"[rank {procs.rank}] "
+    print(prefix + message.lstrip("\n"), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,29 @@ def test_two_processes_equal_one_at_twice_the_batch_and_resume_across_counts(ima
     assert resumed_one["step"] == resumed_two["step"] == 5
     assert_same_model(resumed_one["model"], straight["model"])
     assert_same_model(resumed_two["model"], straight["model"])
+
+
+def test_when_one_process_dies_the_others_stop(image_root, tmp_path):
+    """SIGKILL one worker mid-run: torchrun ends the other and exits non-zero, without hanging."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [*COMMON, "--data_path", str(image_root), "--cache_dir", str(tmp_path / "cache"), "--save_folder", str(out),
+            "--batch_size", "2", "--train_steps", "100000", "--save_and_sample_every", "1"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.Popen([*launcher, "main.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "model-1.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    try:
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert torch.load(out / "model-latest.pt", weights_only=True)["step"] >= 1  # the last checkpoint is whole
