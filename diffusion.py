@@ -36,12 +36,17 @@ def cosine_schedule(timesteps, s=0.008):
 
 
 class Diffusion(nn.Module):
-    def __init__(self, model, *, image_size, channels=3, timesteps=1000):
+    def __init__(self, model, *, image_size, channels=3, timesteps=1000, sampling_timesteps=None):
+        """sampling_timesteps: None (or T) samples with the full DDPM chain, as the homework;
+        fewer uses DDIM (Song et al. 2021, eta = 0) over that many evenly spaced steps."""
         super().__init__()
         self.model = model
         self.image_size = image_size
         self.channels = channels
         self.num_timesteps = timesteps
+        self.sampling_timesteps = sampling_timesteps or timesteps
+        if not 1 <= self.sampling_timesteps <= timesteps:
+            raise ValueError(f"sampling_timesteps must be between 1 and T = {timesteps}, got {sampling_timesteps}")
 
         # Computed in float64, stored once as float32 buffers so .to(device) moves them.
         alphas = cosine_schedule(timesteps)
@@ -145,11 +150,37 @@ class Diffusion(nn.Module):
             img = self.p_sample(img, t, i, generator=generator)
         return unnormalize(img)
 
+    # DDIM (Song et al. 2021): a shorter, deterministic (eta = 0) reverse chain
+
+    @torch.inference_mode()
+    def ddim_sample_loop(self, img, steps, eta=0.0, generator=None):
+        """The reverse chain over `steps` evenly spaced t from T-1 to 0; returns [0, 1].
+        With steps = T and eta = 1 it is exactly the DDPM chain of p_sample_loop."""
+        b = img.shape[0]
+        times = torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
+        for i, i_prev in zip(times, times[1:] + [-1]):
+            t = torch.full((b,), i, device=img.device, dtype=torch.long)
+            eps = self.model(img, t).float()
+            x_0 = self.predict_start_from_noise(img, t, eps).clamp(-1.0, 1.0)
+            if i_prev < 0:
+                img = x_0
+                continue
+            abar = self.alphas_cumprod[i]
+            abar_prev = self.alphas_cumprod[i_prev]
+            eps = (img - abar.sqrt() * x_0) / (1 - abar).sqrt()  # the noise that the clamped x_0 implies
+            sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+            img = abar_prev.sqrt() * x_0 + (1 - abar_prev - sigma**2).sqrt() * eps
+            if eta > 0:
+                img = img + sigma * torch.randn(img.shape, device=img.device, dtype=img.dtype, generator=generator)
+        return unnormalize(img)
+
     @torch.inference_mode()
     def sample(self, batch_size=16, generator=None):
         """Draw batch_size images, (B, C, H, W) in [0, 1]."""
         shape = (batch_size, self.channels, self.image_size, self.image_size)
         img = torch.randn(shape, device=self.device, generator=generator)
+        if self.sampling_timesteps < self.num_timesteps:
+            return self.ddim_sample_loop(img, self.sampling_timesteps, generator=generator)
         return self.p_sample_loop(img, generator=generator)
 
 

@@ -17,7 +17,7 @@ import torch
 from diffusion import Diffusion
 from hw2.config import Config
 from hw2 import distributed
-from hw2.data import training_data
+from hw2.data import split_heldout, training_data
 from hw2.distributed import Processes
 from hw2.errors import Interrupted, UserError
 from hw2.fid import build_fid
@@ -95,7 +95,8 @@ def build_diffusion(config, device):
     model = Unet(dim=config.unet_dim, dim_mults=config.unet_dim_mults)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Diffusion(model, image_size=config.image_size, timesteps=config.time_steps).to(device)
+    return Diffusion(model, image_size=config.image_size, timesteps=config.time_steps,
+                     sampling_timesteps=config.sampling_timesteps).to(device)
 
 
 def check_writable(folder):
@@ -128,6 +129,7 @@ def run(config, procs=Processes(), procs_device=None):
     procs.barrier()  # the others then read the decoded images from rank 0's cache
     if not procs.main:
         files, images = training_data(config, progress=False)
+    images, heldout = split_heldout(images, config.heldout_images, config.seed)
     if config.visualize and not procs.main:
         return
     diffusion = build_diffusion(config, device)
@@ -137,7 +139,8 @@ def run(config, procs=Processes(), procs_device=None):
     logger = RunLog(config, config.wandb) if procs.main else None
     try:
         alone = Processes() if config.visualize else procs  # rank 0 draws the figures by itself
-        trainer = Trainer(diffusion, config, images, logger=logger, fid=fid, amp_dtype=dtype, processes=alone)
+        trainer = Trainer(diffusion, config, images, logger=logger, fid=fid, amp_dtype=dtype, processes=alone,
+                          heldout=heldout)
         if config.load_path:
             trainer.load(config.load_path)
             if procs.main:

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from diffusion import Diffusion
 from hw2.checkpoint import atomic_save, load_checkpoint, numpy_state_from_tensor, numpy_state_to_tensor, unet_state
 from hw2.config import MODEL_FIELDS, Config
-from hw2.data import Batches
+from hw2.data import Batches, center_crops
 from hw2.distributed import Processes
+from hw2.ema import EMA
 from hw2.errors import Interrupted, UserError
 from hw2.images import save_grid, save_images
 from hw2.interrupt import StopRequests
@@ -44,12 +46,14 @@ def make_adam(params, lr):
 
 
 class Trainer:
-    def __init__(self, diffusion, config, images, logger=None, fid=None, amp_dtype=None, processes=Processes()):
+    def __init__(self, diffusion, config, images, logger=None, fid=None, amp_dtype=None, processes=Processes(),
+                 heldout=None):
         """diffusion: a Diffusion already on its device; config: a Config;
         images: decoded training images (N, 3, R, R) uint8 (hw2.data.training_data);
         logger: a hw2.runlog.RunLog or None; fid: a hw2.fid.FID or None;
         amp_dtype: the autocast dtype (hw2.precision.amp_dtype), None for float32;
-        processes: this process's place among torchrun's (hw2.distributed)."""
+        processes: this process's place among torchrun's (hw2.distributed);
+        heldout: images kept out of training (N, 3, R, R) uint8, for heldout_loss(), or None."""
         self.diffusion = diffusion
         self.model = diffusion.model
         self.config = config
@@ -58,6 +62,7 @@ class Trainer:
         self.fid = fid
         self.save_folder = Path(config.save_folder)
         self.procs = processes
+        self.heldout = heldout
         self.batches = Batches(images, config.image_size, config.batch_size, seed=config.seed,
                                rank=processes.rank, world=processes.world)
         self.train_module = diffusion  # what the loss is computed through: DDP's wrapper when distributed
@@ -68,6 +73,13 @@ class Trainer:
             self.train_module = DistributedDataParallel(diffusion, device_ids=ids, broadcast_buffers=False)
         self.opt = make_adam(self.model.parameters(), config.learning_rate)
         self.amp_dtype = amp_dtype
+        self.ema = None
+        self.sampler = diffusion  # what samples are drawn with: the EMA weights when on
+        if config.ema_decay:
+            self.ema = EMA(self.model, config.ema_decay)
+            self.sampler = Diffusion(self.ema.model, image_size=diffusion.image_size, channels=diffusion.channels,
+                                     timesteps=diffusion.num_timesteps,
+                                     sampling_timesteps=diffusion.sampling_timesteps).to(self.device)
         # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         self.step = 0
@@ -114,6 +126,8 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update(self.model)
         self.step += 1
         return loss
 
@@ -128,7 +142,7 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(seed + 7919 * self.procs.rank)
         with autocast(self.device, self.amp_dtype):
             chunks = [
-                self.diffusion.sample(min(SAMPLE_CHUNK, share - start), generator=generator).float()
+                self.sampler.sample(min(SAMPLE_CHUNK, share - start), generator=generator).float()
                 for start in range(0, share, SAMPLE_CHUNK)
             ]
         return self.procs.gather(torch.cat(chunks))[:n].cpu()
@@ -140,6 +154,22 @@ class Trainer:
         if self.logger:
             self.logger.log({"fid": score}, self.step, self.elapsed)
         return score
+
+    @torch.inference_mode()
+    def heldout_loss(self):
+        """Mean L1 noise-prediction error of the sampling weights on the held-out images, over
+        t uniform; t and the noise come from a fixed seed, so milestones are comparable."""
+        self.model.eval()
+        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        images = center_crops(self.heldout, self.config.image_size)
+        total = 0.0
+        for start in range(0, images.shape[0], self.config.batch_size):
+            x_0 = Batches.to_model(images[start:start + self.config.batch_size], self.device)
+            t = torch.randint(0, self.sampler.num_timesteps, (x_0.shape[0],), device=self.device, generator=generator)
+            noise = torch.randn(x_0.shape, device=self.device, generator=generator)
+            with autocast(self.device, self.amp_dtype):
+                total += self.sampler.p_loss(x_0, t, noise).item() * x_0.shape[0]
+        return total / images.shape[0]
 
     def milestone(self):
         """Save a checkpoint, then draw and save samples, then FID and plots."""
@@ -156,6 +186,11 @@ class Trainer:
         save_grid(images[: self.config.num_samples], self.save_folder / f"sample-{m}.png")
         if self.logger:
             self.logger.log_images("samples", images[: self.config.num_samples], self.step)
+        if self.heldout is not None:
+            value = self.heldout_loss()
+            tqdm.write(f"step {self.step}: held-out loss {value:.4f}")
+            if self.logger:
+                self.logger.log({"heldout_loss": value}, self.step, self.elapsed)
         if self.fid:
             self.evaluate(folder)
         plot_metrics(self.save_folder)
@@ -171,6 +206,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema else {}),
             "data": self.batches.state_dict(),
             "rng": rng,
             "elapsed": self.elapsed,
@@ -224,6 +260,8 @@ class Trainer:
         self.started = time.monotonic()
         if "optimizer" in ckpt:
             self.opt.load_state_dict(ckpt["optimizer"])
+        if self.ema:  # a checkpoint without an average starts it from the loaded weights
+            self.ema.load_state_dict(ckpt.get("ema") or self.model.state_dict())
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         if "data" in ckpt:

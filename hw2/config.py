@@ -33,6 +33,9 @@ class Config:
     gradient_accumulate_every: int = _f(2, "forward passes per optimizer step (effective batch = batch_size x this)")
     learning_rate: float = _f(1e-3, "Adam learning rate")
     seed: int = _f(2024, "seed for weights, data order, noise and samples")
+    ema_decay: float = _f(0.0, "EMA of the weights, used for sampling, e.g. 0.995 (0 = off, the homework)")
+    sampling_timesteps: int = _f(None, "sample with DDIM over this many steps (< time_steps); default: the full DDPM chain")
+    heldout_images: int = _f(0, "training images kept out to measure a held-out denoising loss at milestones (0 = off)")
     channels_last: bool = _f(False, "store the U-Net's activations channels-last (NHWC); see benchmarks/")
     amp: str = _f("auto", "mixed precision: auto (bf16/fp16 on CUDA, bf16 on CPUs with native bf16), off, bf16 or fp16")
     # outputs
@@ -64,6 +67,13 @@ class Config:
             raise ValueError(f"--unet_dim_mults must be positive integers, got {self.unet_dim_mults}")
         if self.data_class not in CLASSES:
             raise ValueError(f"--data_class must be one of {', '.join(CLASSES)}, got {self.data_class!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.sampling_timesteps is not None and not 1 <= self.sampling_timesteps <= self.time_steps:
+            raise ValueError(f"--sampling_timesteps must be between 1 and --time_steps {self.time_steps}, "
+                             f"got {self.sampling_timesteps}")
+        if self.heldout_images < 0:
+            raise ValueError(f"--heldout_images must be 0 (off) or more, got {self.heldout_images}")
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep_checkpoints must be 0 (keep all) or more, got {self.keep_checkpoints}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):

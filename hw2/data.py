@@ -196,6 +196,24 @@ class Batches:
         self.epoch = state["epoch"]
 
 
+def split_heldout(images, count, seed):
+    """(training images, held-out images): `count` images chosen by a seeded shuffle are kept
+    out of training. Every process and every resumed run makes the same split."""
+    if count == 0:
+        return images, None
+    if count >= images.shape[0]:
+        raise UserError(f"--heldout_images {count} leaves no image to train on (the dataset has {images.shape[0]})")
+    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+    return images[order[count:]], images[order[:count]]
+
+
+def center_crops(images, image_size):
+    """(N, 3, R, R) -> the central (N, 3, S, S): held-out images, without augmentation."""
+    r = images.shape[-1]
+    y = (r - image_size) // 2
+    return images[:, :, y:y + image_size, y:y + image_size]
+
+
 def training_data(config, progress=True):
     """Find, decode and cache the configured training images; report skipped files.
     Returns (files, images (N, 3, R, R) uint8)."""

@@ -32,6 +32,9 @@ def plot_metrics(save_folder):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(steps, values, alpha=0.3, lw=0.8, label="loss")
         ax.plot(steps, smooth, lw=1.5, label=f"mean of {window} steps")
+        heldout = [(r["step"], r["heldout_loss"]) for r in rows if r.get("heldout_loss") is not None]
+        if heldout:
+            ax.plot(*zip(*heldout), marker="o", lw=1, label="held-out images")
         ax.set(xlabel="step", ylabel="L1 noise-prediction loss", title="Training loss")
         ax.legend()
         ax.grid(alpha=0.3)

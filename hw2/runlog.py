@@ -11,7 +11,7 @@ from hw2.images import grid, to_uint8
 
 PROJECT = "DDPM_AFHQ"
 METRICS_FILE = "metrics.csv"
-COLUMNS = ("step", "loss", "fid", "elapsed_s")
+COLUMNS = ("step", "loss", "fid", "heldout_loss", "elapsed_s")
 FLUSH_EVERY = 50  # logged rows between rewrites of metrics.csv
 
 
@@ -90,11 +90,11 @@ class RunLog:
         if self.rows and self.rows[-1]["step"] == step:
             self.rows[-1].update(values)  # FID joins the loss of its step
         else:
-            self.rows.append({"step": step, "loss": None, "fid": None, "elapsed_s": round(elapsed, 3), **values})
+            self.rows.append({**dict.fromkeys(COLUMNS), "step": step, "elapsed_s": round(elapsed, 3), **values})
         self.unsaved += 1
         if self.run is not None:
             self.run.log(values, step=step)
-        if self.unsaved >= FLUSH_EVERY or "fid" in values:
+        if self.unsaved >= FLUSH_EVERY or "loss" not in values:  # milestone figures are written at once
             self.flush()
 
     def log_images(self, name, images, step):

@@ -69,7 +69,8 @@ def figure(columns, labels, title, path):
 
 
 def visualize(trainer, logger=None):
-    """Write forward_diffusion.png and backward_diffusion.png into the save folder (and log them)."""
+    """Write forward_diffusion.png and backward_diffusion.png into the save folder (and log them).
+    The backward pass uses the sampling weights (the EMA when --ema_decay is on)."""
     cfg, diffusion = trainer.config, trainer.diffusion
     diffusion.model.eval()
     first = next(Batches(trainer.batches.images, cfg.image_size, cfg.batch_size, seed=cfg.seed))
@@ -78,7 +79,7 @@ def visualize(trainer, logger=None):
     generator = torch.Generator(device=trainer.device).manual_seed(cfg.seed)
     forward = forward_images(diffusion, x_0, ts, generator)
     with autocast(trainer.device, trainer.amp_dtype):
-        backward = [x.float() for x in backward_images(diffusion, forward[-1], ts, generator)]
+        backward = [x.float() for x in backward_images(trainer.sampler, forward[-1], ts, generator)]
 
     folder = trainer.save_folder
     folder.mkdir(parents=True, exist_ok=True)

@@ -144,3 +144,30 @@ def test_schedule_buffers_follow_the_module_to_a_device():
     d = make().to(torch.float64)
     assert d.alphas_cumprod.dtype == torch.float64
     assert d.device == torch.device("cpu")
+
+
+def test_ddim_with_every_step_and_eta_one_is_the_ddpm_chain():
+    torch.manual_seed(0)
+    d = make(20, Unet(8, dim_mults=(1, 2)), size=8)
+    start = torch.randn(2, 3, 8, 8)
+    ddpm = d.p_sample_loop(start, generator=torch.Generator().manual_seed(3))
+    ddim = d.ddim_sample_loop(start, 20, eta=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(ddpm, ddim, atol=1e-4)
+
+
+def test_ddim_with_fewer_steps_is_deterministic_and_used_by_sample():
+    torch.manual_seed(0)
+    model = Unet(8, dim_mults=(1, 2))
+    d = Diffusion(model, image_size=8, timesteps=50, sampling_timesteps=10)
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(args[1][0].item()))
+    start = torch.randn(2, 3, 8, 8)
+    a = d.ddim_sample_loop(start, 10, generator=torch.Generator().manual_seed(1))
+    b = d.ddim_sample_loop(start, 10, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    assert calls == [49, 44, 38, 33, 27, 22, 16, 11, 5, 0] * 2
+    calls.clear()
+    d.sample(2)
+    assert len(calls) == 10
+    with pytest.raises(ValueError, match="sampling_timesteps must be between 1 and T = 50"):
+        Diffusion(model, image_size=8, timesteps=50, sampling_timesteps=51)

@@ -142,6 +142,11 @@ def test_keep_checkpoints_keeps_the_newest(image_root, tmp_path, capsys):
     (["--gradient_accumulate_every", "0"], "--gradient_accumulate_every must be a positive"),
     (["--image_size", "0"], "--image_size must be a positive"),
     (["--seed", "x"], "invalid int value"),
+    (["--ema_decay", "1"], "--ema_decay must be in [0, 1)"),
+    (["--sampling_timesteps", "51"], "--sampling_timesteps must be between 1 and --time_steps 50"),
+    (["--sampling_timesteps", "0"], "--sampling_timesteps must be between 1"),
+    (["--heldout_images", "-1"], "--heldout_images must be 0"),
+    (["--amp", "fp8"], "--amp must be one of"),
 ])
 def test_more_bad_flags_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
