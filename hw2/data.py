@@ -68,14 +68,19 @@ def decode(path, side):
             arr = np.asarray(img, dtype=np.float64)
             peak = 65535.0 if arr.max() > 255 else 255.0
             img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8))
-        img = img.convert("RGB")
-        img = TF.center_crop(TF.resize(img, side), [side, side])
-        return np.asarray(img, dtype=np.uint8)
+        return np.asarray(resize_square(img.convert("RGB"), side), dtype=np.uint8)
 
 
-def _cache_key(files, side):
-    h = hashlib.sha1(f"v{CACHE_VERSION} side={side}".encode())
-    for f in files:
+def resize_square(img, side):
+    """PIL image -> side x side: the shorter side to `side` (torchvision's Resize), then the center."""
+    return TF.center_crop(TF.resize(img, side), [side, side])
+
+
+def files_key(files, tag):
+    """A short hash of tag and each file's name, size and modification time: it changes
+    whenever a file is added, removed or rewritten. Names caches built from the files."""
+    h = hashlib.sha1(tag.encode())
+    for f in map(Path, files):
         st = f.stat()
         h.update(f"\n{f.name}\t{st.st_size}\t{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]
@@ -89,7 +94,7 @@ def load_images(files, side, cache_dir=None, progress=True):
     """
     cache = None
     if cache_dir:
-        cache = Path(cache_dir) / f"images-{side}px-{_cache_key(files, side)}.pt"
+        cache = Path(cache_dir) / f"images-{side}px-{files_key(files, f'v{CACHE_VERSION} side={side}')}.pt"
         if cache.is_file():
             try:
                 stored = torch.load(cache, weights_only=True)

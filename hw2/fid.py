@@ -11,7 +11,6 @@ and a test load happen before training starts, so a missing or broken file stops
 run at once instead of after an hour of training.
 """
 import functools
-import hashlib
 import os
 import tempfile
 import warnings
@@ -19,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from cleanfid import fid as cleanfid
 from PIL import Image
 from scipy import linalg
 
+from hw2.data import IMAGE_SUFFIXES, files_key, resize_square
 from hw2.download import download
 from hw2.errors import UserError
 
@@ -80,8 +79,7 @@ def load_inception(path, device):
 
 def _resize_real(side, img_np):
     """Bring a training image to the size the model generates, as the data pipeline does."""
-    img = TF.center_crop(TF.resize(Image.fromarray(img_np), side), [side, side])
-    return np.asarray(img)
+    return np.asarray(resize_square(Image.fromarray(img_np), side))
 
 
 def _stats(features):
@@ -108,11 +106,8 @@ class FID:
         self.device = device
         self.image_size = image_size
         self.real_files = [str(f) for f in real_files]
-        h = hashlib.sha1(f"{extractor_name} {image_size}".encode())
-        for f in real_files:
-            st = os.stat(f)
-            h.update(f"\n{f}\t{st.st_size}\t{st.st_mtime_ns}".encode())
-        self.cache = Path(cache_dir) / f"fid-real-{image_size}px-{h.hexdigest()[:20]}.npz"
+        key = files_key(real_files, f"{extractor_name} {image_size}")
+        self.cache = Path(cache_dir) / f"fid-real-{image_size}px-{key}.npz"
         self.real_mu, self.real_sigma = self._real_stats()
 
     def _features(self, files, transform=None, description=""):
@@ -139,7 +134,7 @@ class FID:
 
     def __call__(self, folder):
         """FID of the PNG/JPEG files in folder against the real images."""
-        files = sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        files = sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if len(files) < 2:
             raise UserError(f"FID needs at least 2 generated images, {folder} has {len(files)}")
         mu, sigma = _stats(self._features(files))
