@@ -67,6 +67,19 @@ def test_flag_values_reach_the_config():
     (["--fid", "maybe"], "expected True or False"),
     (["--batch_size", "many"], "invalid int value"),
     (["--visualize"], "--visualize needs a trained model"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda, cuda:N or mps"),
+    (["--keep_checkpoints", "-1"], "--keep_checkpoints must be 0"),
+    (["--wandb", "maybe"], "--wandb must be one of"),
+    (["--fid", "--fid_num_samples", "1"], "--fid_num_samples must be at least 2"),
+    (["--num_samples", "0"], "--num_samples must be a positive integer"),
+    (["--gradient_accumulate_every", "0"], "--gradient_accumulate_every must be a positive"),
+    (["--image_size", "0"], "--image_size must be a positive"),
+    (["--seed", "x"], "invalid int value"),
+    (["--ema_decay", "1"], "--ema_decay must be in [0, 1)"),
+    (["--sampling_timesteps", "51"], "--sampling_timesteps must be between 1 and --time_steps 50"),
+    (["--sampling_timesteps", "0"], "--sampling_timesteps must be between 1"),
+    (["--heldout_images", "-1"], "--heldout_images must be 0"),
+    (["--amp", "fp8"], "--amp must be one of"),
 ])
 def test_bad_values_are_rejected_in_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
