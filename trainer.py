@@ -9,8 +9,6 @@ Files in save_folder, for milestone m = step // save_and_sample_every:
 """
 import contextlib
 import math
-import random
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -19,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion import Diffusion
-from hw2.checkpoint import atomic_save, load_checkpoint, numpy_state_from_tensor, numpy_state_to_tensor, unet_state
+from hw2.checkpoint import (capture_rng, checkpoint_bytes, is_homework_checkpoint, load_checkpoint, load_unet_weights,
+                            restore_rng, save_checkpoint)
 from hw2.config import MODEL_FIELDS, Config
 from hw2.data import Batches, center_crops
 from hw2.distributed import Processes
@@ -198,9 +197,6 @@ class Trainer:
     # checkpoints
 
     def state_dict(self):
-        rng = {"torch": torch.get_rng_state(), "numpy": numpy_state_to_tensor(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "step": self.step,
             "model": self.model.state_dict(),
@@ -208,28 +204,21 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             **({"ema": self.ema.state_dict()} if self.ema else {}),
             "data": self.batches.state_dict(),
-            "rng": rng,
+            "rng": capture_rng(),
             "elapsed": self.elapsed,
             "config": self.config.to_dict(),
         }
 
     def save(self, path):
-        """Write the checkpoint to path and copy it to model-latest.pt, each atomically; then
-        drop numbered checkpoints beyond --keep_checkpoints. A failed write (a full disk, a
-        folder that cannot be written) leaves the previous checkpoints as they were."""
+        """Write the checkpoint to path and to model-latest.pt, each atomically; then drop
+        numbered checkpoints beyond --keep_checkpoints. A failed write (a full disk, a folder
+        that cannot be written) leaves the previous checkpoints as they were."""
         if not self.procs.main:
             return
         latest = self.save_folder / "model-latest.pt"
         try:
             self.save_folder.mkdir(parents=True, exist_ok=True)
-            atomic_save(self.state_dict(), path)
-            if Path(path) != latest:
-                tmp = latest.with_name(f".{latest.name}.tmp")
-                try:
-                    shutil.copyfile(path, tmp)
-                    tmp.replace(latest)
-                finally:
-                    tmp.unlink(missing_ok=True)
+            save_checkpoint(checkpoint_bytes(self.state_dict()), *dict.fromkeys([Path(path), latest]))
         except OSError as e:
             raise UserError(
                 f"could not write the checkpoint {path} ({e.strerror or e}); the previous checkpoint {latest} is "
@@ -243,7 +232,7 @@ class Trainer:
 
     def load(self, path):
         """Resume from a checkpoint: weights, optimizer, step, data order and RNG states.
-        A homework checkpoint ({"step", "model"}) restores the weights and the step only."""
+        The homework's own checkpoints hold weights (and a step) only; they restore those."""
         ckpt = load_checkpoint(path)
         if "config" in ckpt:
             theirs = Config.from_dict(ckpt["config"])
@@ -251,30 +240,27 @@ class Trainer:
             if diff:
                 listed = ", ".join(f"--{n} {ours} here but {other} in the checkpoint" for n, ours, other in diff)
                 raise UserError(f"{path} was trained with a different model: {listed}")
-        try:
-            self.model.load_state_dict(unet_state(ckpt["model"]))
-        except RuntimeError as e:
-            raise UserError(f"{path} does not fit this model ({str(e).splitlines()[0]}): check --unet_dim, --unet_dim_mults") from None
+        ignored = load_unet_weights(self.model, ckpt, path)
+        if ignored and self.procs.main:
+            print(f"note: ignored {len(ignored)} tensor(s) of the checkpoint's Diffusion that are not U-Net weights "
+                  f"({', '.join(ignored[:3])}{' ...' if len(ignored) > 3 else ''}); the schedule comes from --time_steps")
         self.step = int(ckpt.get("step", 0))
+        if is_homework_checkpoint(ckpt):
+            if self.procs.main:
+                print(f"note: {path} holds weights only (the homework's format): training continues from step "
+                      f"{self.step} with a fresh optimizer and data order")
+            if self.ema:
+                self.ema.load_state_dict(self.model.state_dict())
+            return
         self.elapsed_before = float(ckpt.get("elapsed", 0.0))
         self.started = time.monotonic()
-        if "optimizer" in ckpt:
-            self.opt.load_state_dict(ckpt["optimizer"])
+        self.opt.load_state_dict(ckpt["optimizer"])
         if self.ema:  # a checkpoint without an average starts it from the loaded weights
             self.ema.load_state_dict(ckpt.get("ema") or self.model.state_dict())
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
-        if "data" in ckpt:
-            self.batches.load_state_dict(ckpt["data"])
-        rng = ckpt.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "numpy" in rng:
-            numpy_state_from_tensor(rng["numpy"])
-        if "python" in rng:
-            random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
-        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.batches.load_state_dict(ckpt["data"])
+        restore_rng(ckpt.get("rng", {}))
 
     # the loop
 

@@ -3,11 +3,16 @@
 Shapes: x is (B, C, H, W) in [-1, 1]-ish scale, time is a (B,) long tensor of
 0-based step indices; the output has the shape of x (out_dim channels).
 
-Layout (dim=16, dim_mults=(1, 2, 4, 8), about 2.47 M parameters):
+This is the homework starter's network, the same function with the same parameter
+names, so that the starter's checkpoints load here (tests/test_unet.py checks it against
+numbers computed by the starter's own code).
+
+Layout (dim=16, dim_mults=(1, 2, 4, 8): 2,465,827 parameters):
     7x7 input conv
     down, per level: ResNet block, ResNet block, linear attention, downsample
         (a stride-2 4x4 conv; the last level keeps its resolution)
     middle: ResNet block, full attention, ResNet block
+    (every attention is wrapped as x + attn(LayerNorm(x)))
     up, per level: the mirror image, each ResNet block fed the matching skip,
         nearest-neighbour upsampling
     final ResNet block on [features, input-conv features], 1x1 conv out
@@ -81,12 +86,29 @@ class ResnetBlock(nn.Module):
         return h + self.res_conv(x)
 
 
-class Attention(nn.Module):
-    """Full multi-head self-attention over the H*W positions."""
+class LayerNorm(nn.Module):
+    """Layer norm over the channels of each pixel: (x - mean_C) / sqrt(var_C + eps) * g,
+    with one gain per channel and no bias (the homework's norm around attention)."""
 
-    def __init__(self, dim, heads=4, dim_head=32):
+    def __init__(self, dim):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
+
+    def forward(self, x):
+        eps = 1e-5 if x.dtype == torch.float32 else 1e-3
+        var = x.var(dim=1, unbiased=False, keepdim=True)
+        mean = x.mean(dim=1, keepdim=True)
+        return (x - mean) * (var + eps).rsqrt() * self.g
+
+
+class Attention(nn.Module):
+    """Full multi-head self-attention over the H*W positions, with q and k L2-normalised
+    across positions and a fixed similarity scale of 10 in place of dim_head^-0.5."""
+
+    def __init__(self, dim, heads=4, dim_head=32, scale=10):
         super().__init__()
         self.heads = heads
+        self.scale = scale
         hidden = heads * dim_head
         self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
         self.to_out = nn.Conv2d(hidden, dim, 1)
@@ -94,17 +116,19 @@ class Attention(nn.Module):
     def forward(self, x):
         _, _, h, w = x.shape
         q, k, v = (
-            rearrange(z, "b (h c) x y -> b h (x y) c", h=self.heads)  # (B, heads, HW, dim_head)
+            rearrange(z, "b (h c) x y -> b h c (x y)", h=self.heads)  # (B, heads, dim_head, HW)
             for z in self.to_qkv(x).chunk(3, dim=1)
         )
-        out = F.scaled_dot_product_attention(q, k, v)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k, v = (z.transpose(-2, -1) for z in (q, k, v))  # (B, heads, HW, dim_head)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = rearrange(out, "b h (x y) c -> b (h c) x y", x=h, y=w)
         return self.to_out(out)
 
 
 class LinearAttention(nn.Module):
     """Attention linear in H*W (Shen et al. 2018): softmax over features for q,
-    over positions for k, and k^T v is computed first."""
+    over positions for k, v averaged over positions, and k^T v is computed first."""
 
     def __init__(self, dim, heads=4, dim_head=32):
         super().__init__()
@@ -112,7 +136,7 @@ class LinearAttention(nn.Module):
         self.scale = dim_head**-0.5
         hidden = heads * dim_head
         self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
-        self.to_out = nn.Sequential(nn.Conv2d(hidden, dim, 1), nn.GroupNorm(1, dim))
+        self.to_out = nn.Sequential(nn.Conv2d(hidden, dim, 1), LayerNorm(dim))
 
     def forward(self, x):
         _, _, h, w = x.shape
@@ -122,6 +146,7 @@ class LinearAttention(nn.Module):
         )
         q = q.softmax(dim=-2) * self.scale
         k = k.softmax(dim=-1)
+        v = v / (h * w)
         context = torch.einsum("bhdn,bhen->bhde", k, v)  # (B, heads, dim_head, dim_head)
         out = torch.einsum("bhde,bhdn->bhen", context, q)  # (B, heads, dim_head, HW)
         out = rearrange(out, "b h c (x y) -> b (h c) x y", x=h, y=w)
@@ -129,11 +154,11 @@ class LinearAttention(nn.Module):
 
 
 class PreNorm(nn.Module):
-    """fn(GroupNorm(1)(x))."""
+    """fn(LayerNorm(x))."""
 
     def __init__(self, dim, fn):
         super().__init__()
-        self.norm = nn.GroupNorm(1, dim)
+        self.norm = LayerNorm(dim)
         self.fn = fn
 
     def forward(self, x):
@@ -164,6 +189,7 @@ class Unet(nn.Module):
     def __init__(self, dim, init_dim=None, out_dim=None, dim_mults=(1, 2, 4, 8), channels=3, resnet_block_groups=8):
         super().__init__()
         self.channels = channels
+        self.dim = dim
         self.dim_mults = tuple(dim_mults)
         init_dim = init_dim or dim
         self.out_dim = out_dim or channels

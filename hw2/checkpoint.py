@@ -1,39 +1,42 @@
-"""Checkpoint files: written atomically, read without running any pickled code.
+"""Checkpoint files: written whole (hw2.files), read without running any pickled code,
+and checked against the U-Net before anything is loaded into it.
 
-A checkpoint is a dict of tensors and plain values:
-    step, model (the U-Net's state_dict), optimizer, data (Batches state),
-    rng (torch CPU and CUDA states), config (Config.to_dict()).
-The homework's own checkpoints ({"step", "model"}, with the Diffusion's
-state_dict under "model") load too.
+A checkpoint of this project is a dict of tensors and plain values:
+    format (FORMAT), step, model (the U-Net's state_dict), optimizer, scaler, ema (when on),
+    data (the Batches state), rng (torch's CPU and CUDA states), elapsed, config.
+Two other layouts load too, weights and step only: the homework starter's own
+{"step", "model"}, whose "model" is the whole Diffusion's state_dict (U-Net keys prefixed
+"model.", maybe beside schedule buffers of the student's), and a bare U-Net state_dict.
 """
-import os
 import pickle
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from hw2.errors import UserError
+from hw2.files import torch_bytes, write_atomic
+
+# The layout and meaning of this project's checkpoints. Checkpoints without the key
+# (format 1) hold a U-Net that was not the homework's (GroupNorm around attention);
+# their weights compute another function and cannot be converted.
+FORMAT = 2
+MAX_LISTED = 4  # keys named in an error before "and N more"
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename it into place,
-    so a crash at any moment leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def checkpoint_bytes(state):
+    """The bytes of a checkpoint file for state (a dict from Trainer.state_dict)."""
+    return torch_bytes({"format": FORMAT, **state})
+
+
+def save_checkpoint(data, *paths):
+    """Write checkpoint bytes to each path, atomically (model-{m}.pt, then model-latest.pt)."""
+    for path in paths:
+        write_atomic(path, data)
 
 
 def load_checkpoint(path):
-    """Read a checkpoint onto the CPU with weights_only=True (no code from the file runs)."""
+    """Read a checkpoint onto the CPU with weights_only=True (no code from the file runs),
+    in this project's layout: a bare U-Net state_dict comes back as {"model": it}."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
@@ -43,31 +46,109 @@ def load_checkpoint(path):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"refusing to load {path}: it holds objects other than tensors and plain values "
-            f"({first[:200]}); only load checkpoints you trust, made by this trainer"
+            f"({first[:200]}); only load checkpoints you trust"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this trainer (no 'model' entry)")
+    if isinstance(ckpt, dict) and ckpt and "model" not in ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        ckpt = {"model": ckpt}  # a bare state_dict
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise UserError(f"{path} is not a checkpoint of this trainer or of the homework's (no 'model' weights)")
+    version = ckpt.get("format", 1 if "config" in ckpt else None)
+    if version is not None and version < FORMAT:
+        raise UserError(
+            f"{path} was written by an earlier version of this project (checkpoint format {version}), whose "
+            f"U-Net normalised attention with GroupNorm instead of the homework's LayerNorm; its weights compute "
+            f"another function and cannot be converted faithfully. Train a new model"
+        )
+    if version is not None and version > FORMAT:
+        raise UserError(f"{path} has checkpoint format {version}, newer than this version reads ({FORMAT}): update")
     return ckpt
 
 
-def unet_state(model_state):
-    """The U-Net's weights from a checkpoint's "model" entry. The homework saved the
-    whole Diffusion module (keys 'model.*' plus schedule buffers); ours is the U-Net alone.
-    The schedule is always rebuilt from the config, never read from a file."""
+def is_homework_checkpoint(ckpt):
+    """True for the starter's layout or a bare state_dict: weights and perhaps a step, nothing else."""
+    return "format" not in ckpt
+
+
+def unet_weights(model_state):
+    """(the U-Net's state_dict, [names of other tensors]) from a checkpoint's "model" entry.
+    The starter saved the whole Diffusion: U-Net keys start with 'model.', and whatever
+    else a student registered there (schedule buffers) is not a U-Net weight. The schedule
+    is always rebuilt from the config, never read from a file."""
     if any(k.startswith("model.") for k in model_state):
-        return {k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")}
-    return model_state
+        unet = {k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")}
+        return unet, sorted(k for k in model_state if not k.startswith("model."))
+    return dict(model_state), []
 
 
-def numpy_state_to_tensor():
-    """numpy's global MT19937 state as tensors and ints (weights_only files hold no arrays)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+def load_unet_weights(model, ckpt, path):
+    """Load the checkpoint's U-Net weights into model (strictly); returns the names of the
+    tensors that were not U-Net weights. A mismatch raises a UserError naming what differs."""
+    state, ignored = unet_weights(ckpt["model"])
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise UserError(mismatch_message(path, model, state, missing, unexpected, shapes))
+    model.load_state_dict(state)
+    return ignored
 
 
-def numpy_state_from_tensor(state):
-    keys = state["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["cached"]))
+def unet_shape(state):
+    """(dim, dim_mults) of the U-Net whose state_dict this is, or None if it is not one of ours."""
+    try:
+        dim = state["final_conv.weight"].shape[1]
+        levels = 0
+        while f"downs.{levels}.0.block1.proj.weight" in state:
+            levels += 1
+        if not levels:
+            return None
+        # each level ends in a conv to the next level's width: dim * mult
+        mults = tuple(state[f"downs.{i}.3.weight"].shape[0] // dim for i in range(levels))
+        return dim, mults
+    except (KeyError, AttributeError, IndexError):
+        return None
+
+
+def _listed(names):
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown + (f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
+
+
+def mismatch_message(path, model, state, missing, unexpected, shapes):
+    """What differs between a checkpoint's weights and model, blaming flags only when the
+    weights' shapes show a U-Net of another size."""
+    theirs = unet_shape(state)
+    ours = (model.dim, model.dim_mults)
+    if theirs is not None and theirs != ours:
+        flags = lambda d, m: f"--unet_dim {d} --unet_dim_mults {' '.join(map(str, m))}"  # noqa: E731
+        return (f"{path} holds a U-Net of another size: it was trained with {flags(*theirs)}, this run builds "
+                f"{flags(*ours)}; pass the checkpoint's values")
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weight(s) missing ({_listed(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_listed(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ("
+                     + _listed([f"{k}: {a} in the file, {b} here" for k, a, b in shapes]) + ")")
+    return f"{path} does not hold this U-Net's weights: " + "; ".join(parts)
+
+
+def capture_rng():
+    """The global random states training draws from: torch's CPU generator (t, noise and
+    weight init) and, where CUDA is used, each GPU's."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng):
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])

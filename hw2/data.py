@@ -17,8 +17,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusion import normalize
-from hw2.checkpoint import atomic_save
 from hw2.errors import UserError
+from hw2.files import torch_bytes, write_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 RESIZE_FACTOR = 1.12
@@ -122,7 +122,7 @@ def load_images(files, side, cache_dir=None, progress=True):
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_save({"images": images, "skipped": [str(p) for p in skipped]}, cache)
+            write_atomic(cache, torch_bytes({"images": images, "skipped": [str(p) for p in skipped]}))
         except OSError as e:
             print(f"note: could not write the image cache {cache} ({e.strerror}); images will be decoded again next run")
     return images, skipped

@@ -14,6 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 AFHQ_SAMPLE = ROOT.parent / "shared" / "afhq_sample"
+HOMEWORK_UNET = ROOT.parent / "shared" / "homework_unet" / "golden.pt"
+
+
+def golden_cases():
+    """The starter U-Net's own weights, inputs and outputs (see shared/homework_unet/README.md)."""
+    return torch.load(HOMEWORK_UNET, weights_only=True)["cases"]
+
+
+needs_golden = pytest.mark.skipif(not HOMEWORK_UNET.is_file(),
+                                  reason=f"{HOMEWORK_UNET} (the starter's own outputs) is absent")
 
 # Tests never reach W&B's servers: wandb is off unless a test asks for offline mode.
 os.environ["WANDB_MODE"] = "disabled"

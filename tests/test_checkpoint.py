@@ -1,12 +1,16 @@
 """Checkpoint files: atomic writes, refusal of code-carrying pickles, homework checkpoints."""
+import dataclasses
 import os
 import pickle
 
 import pytest
 import torch
 
+import main
+from conftest import golden_cases, needs_golden
 from diffusion import Diffusion
-from hw2.checkpoint import atomic_save, load_checkpoint, unet_state
+from hw2.checkpoint import FORMAT, load_checkpoint
+from hw2.files import torch_bytes, write_atomic
 from hw2.errors import UserError
 from trainer import Trainer
 from unet import Unet
@@ -35,7 +39,7 @@ def test_unreadable_files_give_a_clear_error(tmp_path, content):
 
 def test_truncated_checkpoint(tmp_path):
     path = tmp_path / "ok.pt"
-    atomic_save({"model": {"w": torch.randn(1000)}}, path)
+    write_atomic(path, torch_bytes({"model": {"w": torch.randn(1000)}}))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="unreadable or truncated"):
@@ -46,54 +50,138 @@ def test_missing_and_foreign_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(UserError, match="no 'model' entry"):
+    with pytest.raises(UserError, match="no 'model' weights"):
         load_checkpoint(tmp_path / "other.pt")
 
 
-def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    atomic_save({"model": {"v": torch.tensor(1)}}, path)
+def test_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    from hw2 import files
 
-    def broken_save(obj, f):
-        f.write(b"partial")
+    path = tmp_path / "ckpt.pt"
+    write_atomic(path, torch_bytes({"model": {"v": torch.tensor(1)}}))
+
+    def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    monkeypatch.setattr(files.os, "fsync", full_disk)
     with pytest.raises(OSError):
-        atomic_save({"model": {"v": torch.tensor(2)}}, path)
+        write_atomic(path, torch_bytes({"model": {"v": torch.tensor(2)}}))
     monkeypatch.undo()
     assert load_checkpoint(path)["model"]["v"].item() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
-def test_homework_checkpoints_load(tiny_config, tmp_path):
-    """The homework saved {"step", "model": Diffusion.state_dict()}."""
-    torch.manual_seed(1)
-    theirs = Diffusion(Unet(8, dim_mults=(1, 2)), image_size=16, timesteps=10)
-    path = tmp_path / "model-3.pt"
-    torch.save({"step": 3000, "model": theirs.state_dict()}, path)
-
-    torch.manual_seed(2)
-    ours = Diffusion(Unet(8, dim_mults=(1, 2)), image_size=16, timesteps=10)
-    trainer = Trainer(ours, tiny_config, torch.zeros(8, 3, 18, 18, dtype=torch.uint8))
-    trainer.load(path)
-    assert trainer.step == 3000
-    for k, v in theirs.model.state_dict().items():
-        assert torch.equal(ours.model.state_dict()[k], v)
-    assert unet_state(theirs.state_dict()).keys() == theirs.model.state_dict().keys()
-
-
 def test_every_random_state_round_trips_through_a_checkpoint(tiny_config, tmp_path):
-    import random
-
-    import numpy as np
-
     trainer = Trainer(Diffusion(Unet(8, dim_mults=(1, 2)), image_size=16, timesteps=10), tiny_config,
                       torch.randint(0, 255, (8, 3, 18, 18), dtype=torch.uint8))
     trainer.save(tmp_path / "model-1.pt")
-    expected = (torch.rand(3), np.random.rand(3), random.random(), next(trainer.batches))
-    torch.rand(5), np.random.rand(5), random.random(), next(trainer.batches)  # move every stream on
+    expected = (torch.rand(3), next(trainer.batches))
+    torch.rand(5), next(trainer.batches)  # move every stream on
     trainer.load(tmp_path / "model-1.pt")
-    got = (torch.rand(3), np.random.rand(3), random.random(), next(trainer.batches))
-    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
-    assert got[2] == expected[2] and torch.equal(got[3], expected[3])
+    got = (torch.rand(3), next(trainer.batches))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+# The homework starter's checkpoints, built from the weights its own code produced
+
+def starter_checkpoint(path, case, step=1234, layout="trainer"):
+    """layout "trainer": what the starter's trainer saves, {"step", "model": Diffusion.state_dict()},
+    with schedule buffers a student's Diffusion registered; "bare": the U-Net's state_dict alone."""
+    if layout == "bare":
+        torch.save(case["state_dict"], path)
+        return path
+    model = {f"model.{k}": v for k, v in case["state_dict"].items()}
+    model.update(betas=torch.rand(50), alphas_cumprod=torch.rand(50), my_sqrt_alphas=torch.rand(50))
+    torch.save({"step": step, "model": model}, path)
+    return path
+
+
+def golden_config(tiny_config, case):
+    return dataclasses.replace(tiny_config, unet_dim=case["dim"], unet_dim_mults=tuple(case["dim_mults"]),
+                               image_size=case["image_size"], time_steps=50)
+
+
+@needs_golden
+@pytest.mark.parametrize("layout", ["trainer", "bare"])
+def test_starter_checkpoints_load_the_starters_function(tiny_config, tmp_path, layout, capsys):
+    case = golden_cases()[1]
+    path = starter_checkpoint(tmp_path / "model-7.pt", case, layout=layout)
+    config = golden_config(tiny_config, case)
+    diffusion = Diffusion(Unet(case["dim"], dim_mults=tuple(case["dim_mults"])), image_size=16, timesteps=50)
+    trainer = Trainer(diffusion, config, torch.zeros(8, 3, 17, 17, dtype=torch.uint8))
+    trainer.load(path)
+    assert trainer.step == (1234 if layout == "trainer" else 0)
+    with torch.no_grad():
+        y = diffusion.model.eval()(case["x"], case["t"])
+    assert (y - case["y"]).abs().max() < 1e-5
+    out = capsys.readouterr().out
+    if layout == "trainer":
+        assert "ignored 3 tensor(s)" in out and "alphas_cumprod" in out
+    assert "fresh optimizer" in out
+
+
+@needs_golden
+@pytest.mark.parametrize("layout", ["trainer", "bare"])
+def test_visualize_and_resume_from_starter_checkpoints(image_root, tmp_path, layout, capsys):
+    case = golden_cases()[1]
+    path = starter_checkpoint(tmp_path / f"{layout}.pt", case, step=3)
+    args = ["--image_size", "16", "--unet_dim", "8", "--unet_dim_mults", "1", "2", "4", "--batch_size", "4",
+            "--num_samples", "2", "--device", "cpu", "--data_path", str(image_root), "--cache_dir", str(tmp_path / "c"),
+            "--save_folder", str(tmp_path / "out"), "--load_path", str(path)]
+    assert main.main([*args, "--visualize"]) == 0
+    assert (tmp_path / "out" / "backward_diffusion.png").is_file()
+    assert main.main([*args, "--train_steps", "4", "--save_and_sample_every", "4"]) == 0
+    assert "(step 3)" in capsys.readouterr().out
+    resumed = load_checkpoint(tmp_path / "out" / "model-latest.pt")
+    assert resumed["step"] == 4
+    moved = [k for k, v in case["state_dict"].items() if not torch.equal(resumed["model"][k], v)]
+    assert moved  # one step of Adam from the starter's weights, not from a fresh model
+    assert max((resumed["model"][k] - v).abs().max().item() for k, v in case["state_dict"].items()) < 0.01
+
+
+@needs_golden
+def test_a_checkpoint_of_another_size_names_the_flags(tiny_config, tmp_path):
+    case = golden_cases()[0]  # dim 16, mults 1 2 4 8
+    path = starter_checkpoint(tmp_path / "big.pt", case)
+    trainer = Trainer(Diffusion(Unet(8, dim_mults=(1, 2, 4)), image_size=16, timesteps=50),
+                      golden_config(tiny_config, golden_cases()[1]), torch.zeros(8, 3, 17, 17, dtype=torch.uint8))
+    with pytest.raises(UserError, match=r"trained with --unet_dim 16 --unet_dim_mults 1 2 4 8, this run builds "
+                                        r"--unet_dim 8 --unet_dim_mults 1 2 4; pass the checkpoint's values"):
+        trainer.load(path)
+
+
+@needs_golden
+def test_a_checkpoint_of_another_network_names_the_keys_not_the_flags(tiny_config, tmp_path):
+    case = golden_cases()[1]
+    state = dict(case["state_dict"])
+    state["mid_attn.fn.norm.weight"] = state.pop("mid_attn.fn.norm.g").flatten()  # a GroupNorm in its place
+    state["downs.0.2.fn.norm.bias"] = torch.zeros(8)
+    state["final_conv.bias"] = torch.zeros(4)
+    torch.save({"step": 1, "model": state}, tmp_path / "other.pt")
+    trainer = Trainer(Diffusion(Unet(8, dim_mults=(1, 2, 4)), image_size=16, timesteps=50),
+                      golden_config(tiny_config, case), torch.zeros(8, 3, 17, 17, dtype=torch.uint8))
+    with pytest.raises(UserError) as error:
+        trainer.load(tmp_path / "other.pt")
+    message = str(error.value)
+    assert "1 weight(s) missing (mid_attn.fn.norm.g)" in message
+    assert "2 unexpected (mid_attn.fn.norm.weight, downs.0.2.fn.norm.bias)" in message
+    assert "final_conv.bias: (4,) in the file, (3,) here" in message
+    assert "--unet_dim" not in message
+
+
+def test_checkpoints_of_the_earlier_architecture_are_refused(tmp_path):
+    model = {k: torch.zeros(1) for k in ("init_conv.weight", "mid_attn.fn.norm.weight", "mid_attn.fn.norm.bias")}
+    torch.save({"step": 5, "model": model, "optimizer": {}, "config": {"unet_dim": 16}}, tmp_path / "old.pt")
+    with pytest.raises(UserError, match=r"earlier version of this project \(checkpoint format 1\).*cannot be "
+                                        r"converted faithfully"):
+        load_checkpoint(tmp_path / "old.pt")
+    torch.save({"format": FORMAT + 1, "step": 5, "model": model}, tmp_path / "new.pt")
+    with pytest.raises(UserError, match=f"format {FORMAT + 1}, newer than this version reads"):
+        load_checkpoint(tmp_path / "new.pt")
+
+
+def test_our_checkpoints_carry_the_format(tiny_config, tmp_path):
+    trainer = Trainer(Diffusion(Unet(8, dim_mults=(1, 2)), image_size=16, timesteps=10), tiny_config,
+                      torch.zeros(8, 3, 18, 18, dtype=torch.uint8))
+    trainer.save(tmp_path / "model-1.pt")
+    assert torch.load(tmp_path / "model-1.pt", weights_only=True)["format"] == FORMAT
