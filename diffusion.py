@@ -79,6 +79,11 @@ class Diffusion(nn.Module):
     def device(self):
         return self.betas.device
 
+    def with_model(self, model):
+        """The same diffusion around another network (e.g. an EMA of the weights), on this device."""
+        return Diffusion(model, image_size=self.image_size, channels=self.channels, timesteps=self.num_timesteps,
+                         sampling_timesteps=self.sampling_timesteps).to(self.device)
+
     # forward process q(x_t | x_0)
 
     def q_sample(self, x_0, t, noise=None):
@@ -118,6 +123,17 @@ class Diffusion(nn.Module):
             - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise
         )
 
+    def predict_noise_from_start(self, x_t, t, x_0):
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x_0) / extract(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+
+    def model_predictions(self, x_t, t):
+        """(x0_hat, eps_hat) from the model at x_t: x0_hat clamped to [-1, 1], and the noise
+        that the clamped x0_hat implies. Both samplers step from these."""
+        eps = self.model(x_t, t).float()
+        x_0 = self.predict_start_from_noise(x_t, t, eps).clamp(-1.0, 1.0)
+        return x_0, self.predict_noise_from_start(x_t, t, x_0)
+
     def q_posterior(self, x_0, x_t, t):
         """Mean and variance of q(x_{t-1} | x_t, x_0)."""
         mean = (
@@ -133,8 +149,7 @@ class Diffusion(nn.Module):
         x0_hat is clamped to [-1, 1] before it enters the posterior mean; the step
         at t_index 0 adds no noise.
         """
-        eps = self.model(x, t).float()
-        x_0 = self.predict_start_from_noise(x, t, eps).clamp(-1.0, 1.0)
+        x_0, _ = self.model_predictions(x, t)
         mean, variance = self.q_posterior(x_0, x, t)
         if t_index == 0:
             return mean
@@ -142,32 +157,35 @@ class Diffusion(nn.Module):
         return mean + variance.sqrt() * noise
 
     @torch.inference_mode()
-    def p_sample_loop(self, img, generator=None):
-        """Run the whole reverse chain from the noise image img (B, C, H, W); returns [0, 1]."""
+    def p_sample_loop(self, img, generator=None, progress=None):
+        """Run the whole reverse chain from the noise image img (B, C, H, W); returns [0, 1].
+        progress: anything with update() (a tqdm bar), told after each step."""
         b = img.shape[0]
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((b,), i, device=img.device, dtype=torch.long)
             img = self.p_sample(img, t, i, generator=generator)
+            if progress is not None:
+                progress.update()
         return unnormalize(img)
 
     # DDIM (Song et al. 2021): a shorter, deterministic (eta = 0) reverse chain
 
     @torch.inference_mode()
-    def ddim_sample_loop(self, img, steps, eta=0.0, generator=None):
+    def ddim_sample_loop(self, img, steps, eta=0.0, generator=None, progress=None):
         """The reverse chain over `steps` evenly spaced t from T-1 to 0; returns [0, 1].
         With steps = T and eta = 1 it is exactly the DDPM chain of p_sample_loop."""
         b = img.shape[0]
         times = torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
         for i, i_prev in zip(times, times[1:] + [-1]):
             t = torch.full((b,), i, device=img.device, dtype=torch.long)
-            eps = self.model(img, t).float()
-            x_0 = self.predict_start_from_noise(img, t, eps).clamp(-1.0, 1.0)
+            x_0, eps = self.model_predictions(img, t)
+            if progress is not None:
+                progress.update()
             if i_prev < 0:
                 img = x_0
                 continue
             abar = self.alphas_cumprod[i]
             abar_prev = self.alphas_cumprod[i_prev]
-            eps = (img - abar.sqrt() * x_0) / (1 - abar).sqrt()  # the noise that the clamped x_0 implies
             sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
             img = abar_prev.sqrt() * x_0 + (1 - abar_prev - sigma**2).sqrt() * eps
             if eta > 0:
@@ -175,13 +193,13 @@ class Diffusion(nn.Module):
         return unnormalize(img)
 
     @torch.inference_mode()
-    def sample(self, batch_size=16, generator=None):
+    def sample(self, batch_size=16, generator=None, progress=None):
         """Draw batch_size images, (B, C, H, W) in [0, 1]."""
         shape = (batch_size, self.channels, self.image_size, self.image_size)
         img = torch.randn(shape, device=self.device, generator=generator)
         if self.sampling_timesteps < self.num_timesteps:
-            return self.ddim_sample_loop(img, self.sampling_timesteps, generator=generator)
-        return self.p_sample_loop(img, generator=generator)
+            return self.ddim_sample_loop(img, self.sampling_timesteps, generator=generator, progress=progress)
+        return self.p_sample_loop(img, generator=generator, progress=progress)
 
 
 def normalize(x):

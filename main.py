@@ -1,12 +1,16 @@
-"""Train a DDPM on AFHQ (or any folder of images), or visualize a trained one.
+"""Train a DDPM on AFHQ (or any folder of images); visualize or sample a trained one.
 
     python main.py --data_path ./data/train --data_class cat --save_folder ./results
-    python main.py --visualize --load_path ./results/model-latest.pt
+    python main.py --load_path ./results                 # resume (a checkpoint or a run folder)
+    python main.py --load_path ./results --visualize     # the forward/backward diffusion figures
+    python main.py --load_path ./results --sample 100    # 100 images into a folder of their own
 
-Every field of hw2.config.Config is a flag of the same name; `--help` lists them.
+Every field of hw2.config.Config is a flag of the same name; `--help` lists them. With
+--load_path, the checkpoint's stored settings are the defaults and the flags given win.
 """
 import argparse
 import dataclasses
+import difflib
 import os
 import sys
 import typing
@@ -15,14 +19,18 @@ from pathlib import Path
 import torch
 
 from diffusion import Diffusion
-from hw2.config import Config
 from hw2 import distributed
-from hw2.data import split_heldout, training_data
+from hw2.checkpoint import load_checkpoint, load_unet_weights, unet_shape, unet_weights
+from hw2.config import MODEL_FIELDS, NOT_INHERITED, Config
+from hw2.data import find_images, split_heldout, training_data
 from hw2.distributed import Processes
 from hw2.errors import Interrupted, UserError
-from hw2.fid import build_fid
-from hw2.precision import amp_dtype
+from hw2.files import write_atomic
+from hw2.images import save_grid, save_images
+from hw2.precision import amp_dtype, describe_precision, use_fast_float32
+from hw2.runfolder import RunFolder, resolve_checkpoint
 from hw2.runlog import RunLog
+from hw2.sampling import generate
 from hw2.visualize import visualize
 from trainer import Trainer
 from unet import Unet
@@ -38,11 +46,26 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+class Parser(argparse.ArgumentParser):
+    """Flags are matched whole (no prefixes), and a mistake is one line, not the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        args, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            flags = [s for a in self._actions for s in a.option_strings]
+            first = unknown[0].split("=")[0]
+            close = difflib.get_close_matches(first, flags, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            self.error(f"unknown flag {first}{hint}" if first.startswith("-") else f"unexpected argument {first}")
+        return args
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description="Train a denoising diffusion model (DDPM) on a folder of images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = Parser(description="Train a denoising diffusion model (DDPM) on a folder of images.",
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
         kind, help = hints[f.name], f.metadata["help"]
@@ -57,14 +80,41 @@ def build_parser():
 
 
 def parse_config(argv=None):
-    """Flags -> a checked Config; invalid values exit with status 2 and a one-line message."""
+    """Flags -> (a checked Config, the names of the flags given). Invalid values exit with
+    status 2 and a one-line message."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     config = Config(**vars(parser.parse_args(argv)))
+    given = {a.dest for a in parser._actions for arg in argv if arg.split("=")[0] in a.option_strings}
     try:
         config.check()
     except ValueError as e:
         parser.error(str(e))
-    return config
+    return config, given
+
+
+def settle_config(config, given, ckpt, path):
+    """The run's settings when resuming, visualizing or sampling: the checkpoint's stored
+    config, overridden by every flag given; (config, names of the fields taken from the file).
+    The homework's checkpoints store no config: their U-Net's size is read off the weights."""
+    stored = ckpt.get("config")
+    if stored is None:
+        shape = unet_shape(unet_weights(ckpt["model"])[0])
+        stored = dict(zip(("unet_dim", "unet_dim_mults"), shape)) if shape else {}
+    theirs = Config.from_dict({**config.to_dict(), **stored})
+    clash = [f"--{n} {getattr(config, n)} here but {getattr(theirs, n)} in the checkpoint"
+             for n in MODEL_FIELDS if n in given and n in stored and getattr(config, n) != getattr(theirs, n)]
+    if clash:
+        raise UserError(f"{path} was trained with a different model: {', '.join(clash)}")
+    taken = {n: getattr(theirs, n) for n in stored if n not in given and n not in NOT_INHERITED and hasattr(config, n)}
+    if "save_folder" not in given:
+        taken["save_folder"] = str(Path(path).parent)  # the run folder the file is in, wherever it moved
+    settled = dataclasses.replace(config, **taken)
+    try:
+        settled.check()
+    except ValueError as e:
+        raise UserError(f"with the settings of {path}: {e}") from None
+    return settled, [n for n in taken if getattr(settled, n) != getattr(config, n) or n in stored]
 
 
 def pick_device(name):
@@ -82,15 +132,6 @@ def pick_device(name):
     return torch.device("cpu")
 
 
-def use_fast_float32(device):
-    """On CUDA, let float32 matrix products and convolutions use TF32 tensor cores (Ampere
-    and newer); autocast covers most of the model, this covers what stays in float32."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
-
 def build_diffusion(config, device):
     model = Unet(dim=config.unet_dim, dim_mults=config.unet_dim_mults)
     if config.channels_last:
@@ -100,66 +141,156 @@ def build_diffusion(config, device):
 
 
 def check_writable(folder):
-    """Fail now, not at the first milestone, when the save folder cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to --save_folder {folder} ({e.strerror or e}); choose another folder") from None
+    """Fail now, not at the first milestone, when the save folder cannot be made or written;
+    nothing is created here."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot write to --save_folder {folder}: {existing} is a file; choose another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to --save_folder {folder} (no permission in {existing}); choose another folder")
 
 
-def run(config, procs=Processes(), procs_device=None):
-    """procs, procs_device: from hw2.distributed.start (one GPU per process under torchrun)."""
+def print_config(config, taken, source, device, dtype, procs):
+    print("config:" + (f" (marked *: from {source})" if taken else ""))
+    for name, value in config.to_dict().items():
+        print(f"  {name}: {value}" + ("  *" if name in taken else ""))
+    processes = f", {procs.world} processes" if procs.distributed else ""
+    print(f"  (running on {device}, {describe_precision(config.amp, device, dtype)}{processes})")
+
+
+def run(config, given=(), procs=None, procs_device=None):
+    """Check every input, then create, then train, visualize or sample. procs, procs_device:
+    from hw2.distributed.start (one GPU per process under torchrun)."""
+    procs = procs or Processes()
+    ckpt = taken = path = None
+    if config.load_path:
+        path = resolve_checkpoint(config.load_path)
+        ckpt = load_checkpoint(path)
+        config, taken = settle_config(config, given, ckpt, path)
     device = procs_device or pick_device(config.device)
-    use_fast_float32(device)
     dtype = amp_dtype(config.amp, device)
+    use_fast_float32(device)
     if procs.main:
-        print("config:")
-        for name, value in config.to_dict().items():
-            print(f"  {name}: {value}")
-        precision = "float32" if dtype is None else str(dtype).replace("torch.", "") + " autocast"
-        processes = f", {procs.world} processes" if procs.distributed else ""
-        print(f"  (running on {device}, {precision}{processes})")
-        check_writable(Path(config.save_folder))
+        print_config(config, taken or [], path, device, dtype, procs)
+    training = not (config.visualize or config.sample)
+    if (config.visualize or config.sample) and not procs.main:
+        return None  # rank 0 draws by itself
+
+    # check: nothing is written until every input is known to be good
+    folder = RunFolder(config.save_folder)
+    check_writable(folder.path)
+    fresh = training and not ckpt and procs.main
+    if fresh and not config.overwrite:
+        folder.check_free()
     torch.manual_seed(config.seed)  # the same on every process: same weights, data order and draws
+    diffusion = build_diffusion(config, device)
+    if ckpt:
+        ignored = load_unet_weights(diffusion.model, ckpt, path)
+        if ignored and procs.main:
+            print(f"note: ignored {len(ignored)} tensor(s) of the checkpoint's Diffusion that are not U-Net weights "
+                  f"({', '.join(ignored[:3])}{' ...' if len(ignored) > 3 else ''}); the schedule comes from --time_steps")
+        if procs.main:
+            print(f"loaded {path} (step {int(ckpt.get('step', 0))})")
+    files = find_images(config.data_path, config.data_class) if training or config.visualize or config.fid else None
+    fid = None
+    if config.fid and procs.main and not config.visualize:
+        from hw2.fid import build_fid  # clean-fid's imports cost a second; only FID runs pay it
+
+        fid = build_fid(config, files, device)
+
+    # create
+    if fresh and config.overwrite:
+        folder.clear()
+    if config.sample:
+        return sample(diffusion, ckpt, config, dtype, fid)
+    world = procs.world if training else 1
     if procs.main:
-        files, images = training_data(config)
+        files, images = training_data(config, need=config.batch_size * world if training else 1, files=files)
     procs.barrier()  # the others then read the decoded images from rank 0's cache
     if not procs.main:
-        files, images = training_data(config, progress=False)
+        files, images = training_data(config, progress=False, files=files)
     images, heldout = split_heldout(images, config.heldout_images, config.seed)
-    if config.visualize and not procs.main:
-        return
-    diffusion = build_diffusion(config, device)
-    # FID's network and real-image statistics are readied before the first step, so a
-    # missing weights file stops the run now rather than at the first milestone.
-    fid = build_fid(config, files, device) if config.fid and not config.visualize and procs.main else None
+    if fid:
+        fid.prepare()
     logger = RunLog(config, config.wandb) if procs.main else None
     try:
-        alone = Processes() if config.visualize else procs  # rank 0 draws the figures by itself
-        trainer = Trainer(diffusion, config, images, logger=logger, fid=fid, amp_dtype=dtype, processes=alone,
-                          heldout=heldout)
-        if config.load_path:
-            trainer.load(config.load_path)
-            if procs.main:
-                print(f"loaded {config.load_path} (step {trainer.step})")
         if config.visualize:
-            visualize(trainer, logger)
-        else:
-            trainer.fit()
+            return visualize(diffusion, sampling_weights(diffusion, ckpt, path), images, config, dtype, logger)
+        trainer = Trainer(diffusion, config, images, logger=logger, fid=fid, amp_dtype=dtype, processes=procs,
+                          heldout=heldout)
+        if ckpt:
+            trainer.load(ckpt, path)
+        trainer.fit()
+        if procs.main:
+            print(summary(trainer, logger))
+        return trainer
     finally:
         if logger:
             logger.finish()
 
 
+def sampling_weights(diffusion, ckpt, path):
+    """The diffusion that draws images: with the checkpoint's EMA weights when it has them."""
+    if not ckpt.get("ema"):
+        return diffusion
+    ema = Unet(dim=diffusion.model.dim, dim_mults=diffusion.model.dim_mults)
+    load_unet_weights(ema, {"model": ckpt["ema"]}, path)
+    return diffusion.with_model(ema)
+
+
+def sample(diffusion, ckpt, config, dtype, fid):
+    """--sample N: N images from the checkpoint into a folder of their own, plus a grid, and
+    their FID against the training images with --fid."""
+    step = int(ckpt.get("step", 0))
+    images_folder, grid_path = RunFolder(config.save_folder).on_demand(step, config.seed)
+    sampler = sampling_weights(diffusion, ckpt, config.load_path)
+    logger = RunLog(config, config.wandb)
+    try:
+        images = generate(sampler, config.sample, config.seed, dtype, progress=True)
+        save_images(images, images_folder)
+        save_grid(images[: config.num_samples], grid_path)
+        logger.log_images("samples", images[: config.num_samples], step)
+        lines = [f"wrote {config.sample} images to {images_folder}/ and a grid of "
+                 f"{min(config.num_samples, config.sample)} to {grid_path}"]
+        if fid:
+            fid.prepare()
+            score = fid(images_folder)
+            write_atomic(images_folder / "fid.txt", f"{score}\n")
+            logger.log_summary({"fid": score, "fid_num_samples": config.sample})
+            lines.append(f"FID of these {config.sample} images against the training images: {score:.3f} "
+                         f"(also in {images_folder / 'fid.txt'})")
+        print("\n".join(lines))
+    finally:
+        logger.finish()
+
+
+def summary(trainer, logger):
+    """The lines printed when training ends: what was done and where it is."""
+    folder = trainer.folder
+    numbers = [f"final loss {trainer.last_loss:.4f}"] if trainer.last_loss is not None else []
+    if trainer.last_fid is not None:
+        numbers.append(f"FID {trainer.last_fid:.3f}")
+    made = [p.name for p in (folder.path / "sample-final.png", folder.path / "loss.png", folder.path / "fid.png",
+                             folder.metrics) if p.exists()]
+    lines = [
+        f"training completed: step {trainer.step} of {trainer.config.train_steps}"
+        + (f", {', '.join(numbers)}" if numbers else ""),
+        f"  in {folder.path}: {folder.latest.name} (continue with: python main.py --load_path {folder.path} "
+        f"--train_steps N), {', '.join(made)}",
+    ]
+    sync = logger.sync_command() if logger else None
+    if sync:
+        lines.append(f"  W&B logged offline; upload it with: {sync}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
-    config = parse_config(argv)
+    config, given = parse_config(argv)
     procs = Processes()
     try:
         procs, procs_device = distributed.start(config.device)
-        run(config, procs, procs_device)
+        run(config, given, procs, procs_device)
     except UserError as e:
         report(procs, f"error: {e}")
         return 1
@@ -172,7 +303,7 @@ def main(argv=None):
         report(procs, f"error: could not read or write{where}: {e.strerror or e}")
         return 1
     except KeyboardInterrupt:
-        report(procs, "\ninterrupted before a checkpoint could be saved")
+        report(procs, "\ninterrupted before training started; nothing was saved")
         return 130
     finally:
         distributed.stop()

@@ -1,12 +1,5 @@
-"""The training loop: a small class of verbs (train_step, sample, evaluate, milestone, save, load, fit).
-
-Files in save_folder, for milestone m = step // save_and_sample_every:
-    model-{m}.pt, model-latest.pt   checkpoints (see hw2/checkpoint.py)
-    sample_ddpm_{m}/00000.png ...   one PNG per generated image (what FID reads)
-    sample-{m}.png                  a grid of the first num_samples of them
-    sample-final.png                a grid drawn after the last step
-    metrics.csv, loss.png, fid.png  step, loss, FID and elapsed time, and their plots
-"""
+"""The training loop: a small class of verbs (train_step, sample, heldout_loss, milestone,
+save, load, fit). The files it writes are named in hw2/runfolder.py."""
 import contextlib
 import math
 import signal
@@ -17,9 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion import Diffusion
-from hw2.checkpoint import (capture_rng, checkpoint_bytes, is_homework_checkpoint, load_checkpoint, load_unet_weights,
-                            restore_rng, save_checkpoint)
-from hw2.config import MODEL_FIELDS, Config
+from hw2.checkpoint import capture_rng, checkpoint_bytes, is_homework_checkpoint, load_unet_weights, restore_rng, \
+    save_checkpoint
 from hw2.data import Batches, center_crops
 from hw2.distributed import Processes
 from hw2.ema import EMA
@@ -28,8 +20,8 @@ from hw2.images import save_grid, save_images
 from hw2.interrupt import StopRequests
 from hw2.plots import plot_metrics
 from hw2.precision import autocast
-
-SAMPLE_CHUNK = 256  # images generated per forward pass when sampling
+from hw2.runfolder import RunFolder
+from hw2.sampling import generate
 
 
 def make_adam(params, lr):
@@ -45,13 +37,13 @@ def make_adam(params, lr):
 
 
 class Trainer:
-    def __init__(self, diffusion, config, images, logger=None, fid=None, amp_dtype=None, processes=Processes(),
+    def __init__(self, diffusion, config, images, *, logger=None, fid=None, amp_dtype=None, processes=None,
                  heldout=None):
         """diffusion: a Diffusion already on its device; config: a Config;
         images: decoded training images (N, 3, R, R) uint8 (hw2.data.training_data);
         logger: a hw2.runlog.RunLog or None; fid: a hw2.fid.FID or None;
         amp_dtype: the autocast dtype (hw2.precision.amp_dtype), None for float32;
-        processes: this process's place among torchrun's (hw2.distributed);
+        processes: this process's place among torchrun's (hw2.distributed), None when alone;
         heldout: images kept out of training (N, 3, R, R) uint8, for heldout_loss(), or None."""
         self.diffusion = diffusion
         self.model = diffusion.model
@@ -59,29 +51,28 @@ class Trainer:
         self.device = diffusion.device
         self.logger = logger
         self.fid = fid
-        self.save_folder = Path(config.save_folder)
-        self.procs = processes
+        self.folder = RunFolder(config.save_folder)
+        self.procs = processes or Processes()
         self.heldout = heldout
         self.batches = Batches(images, config.image_size, config.batch_size, seed=config.seed,
-                               rank=processes.rank, world=processes.world)
+                               rank=self.procs.rank, world=self.procs.world)
         self.train_module = diffusion  # what the loss is computed through: DDP's wrapper when distributed
-        if processes.distributed:
+        if self.procs.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DistributedDataParallel(diffusion, device_ids=ids, broadcast_buffers=False)
         self.opt = make_adam(self.model.parameters(), config.learning_rate)
         self.amp_dtype = amp_dtype
-        self.ema = None
-        self.sampler = diffusion  # what samples are drawn with: the EMA weights when on
-        if config.ema_decay:
-            self.ema = EMA(self.model, config.ema_decay)
-            self.sampler = Diffusion(self.ema.model, image_size=diffusion.image_size, channels=diffusion.channels,
-                                     timesteps=diffusion.num_timesteps,
-                                     sampling_timesteps=diffusion.sampling_timesteps).to(self.device)
+        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay else None
+        self.sampler = diffusion.with_model(self.ema.model) if self.ema else diffusion  # what samples are drawn with
         # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         self.step = 0
+        self.saved_step = None  # the step of model-latest.pt as this process last wrote or read it
+        self.last_loss = None
+        self.last_fid = None
+        self.milestone_images = None  # (step, images) of the newest milestone, reused by the final grid
         self.elapsed_before = 0.0  # training seconds spent before this process started
         self.started = time.monotonic()
 
@@ -128,31 +119,14 @@ class Trainer:
         if self.ema:
             self.ema.update(self.model)
         self.step += 1
+        self.last_loss = loss
         return loss
 
     # sampling and evaluation
 
-    @torch.inference_mode()
     def sample(self, n, seed):
-        """n images (n, C, H, W) in [0, 1], from a generator of their own so that sampling
-        never disturbs the training randomness (and a resumed run stays exact)."""
-        self.model.eval()
-        share = math.ceil(n / self.procs.world)  # each process draws a share; all get them all
-        generator = torch.Generator(device=self.device).manual_seed(seed + 7919 * self.procs.rank)
-        with autocast(self.device, self.amp_dtype):
-            chunks = [
-                self.sampler.sample(min(SAMPLE_CHUNK, share - start), generator=generator).float()
-                for start in range(0, share, SAMPLE_CHUNK)
-            ]
-        return self.procs.gather(torch.cat(chunks))[:n].cpu()
-
-    def evaluate(self, folder):
-        """FID of the images in folder: printed, logged to metrics.csv and wandb, plotted."""
-        score = self.fid(folder)
-        tqdm.write(f"step {self.step}: FID {score:.3f}")
-        if self.logger:
-            self.logger.log({"fid": score}, self.step, self.elapsed)
-        return score
+        """n images (n, C, H, W) in [0, 1] from the sampling weights (every process takes part)."""
+        return generate(self.sampler, n, seed, self.amp_dtype, self.procs, progress=True)
 
     @torch.inference_mode()
     def heldout_loss(self):
@@ -171,28 +145,30 @@ class Trainer:
         return total / images.shape[0]
 
     def milestone(self):
-        """Save a checkpoint, then draw and save samples, then FID and plots."""
+        """Save a checkpoint, then draw and save samples, then the held-out loss, FID and plots."""
         m = self.step // self.config.save_and_sample_every
         if self.logger:
             self.logger.flush()
-        self.save(self.save_folder / f"model-{m}.pt")
+        self.save(self.folder.checkpoint(m))
         n = max(self.config.num_samples, self.config.fid_num_samples if self.config.fid else 0)
-        images = self.sample(n, seed=self.config.seed + m)  # every process takes part
+        images = self.sample(n, seed=self.config.seed + m)
+        self.milestone_images = (self.step, images)
         if not self.procs.main:
             return
-        folder = self.save_folder / f"sample_ddpm_{m}"
-        save_images(images, folder)
-        save_grid(images[: self.config.num_samples], self.save_folder / f"sample-{m}.png")
+        save_images(images, self.folder.samples(m))
+        save_grid(images[: self.config.num_samples], self.folder.grid(m))
         if self.logger:
             self.logger.log_images("samples", images[: self.config.num_samples], self.step)
+        values = {}
         if self.heldout is not None:
-            value = self.heldout_loss()
-            tqdm.write(f"step {self.step}: held-out loss {value:.4f}")
-            if self.logger:
-                self.logger.log({"heldout_loss": value}, self.step, self.elapsed)
+            values["heldout_loss"] = self.heldout_loss()
         if self.fid:
-            self.evaluate(folder)
-        plot_metrics(self.save_folder)
+            values["fid"] = self.last_fid = self.fid(self.folder.samples(m))
+        if values:
+            tqdm.write(f"step {self.step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in values.items()))
+            if self.logger:
+                self.logger.log(values, self.step, self.elapsed)
+        plot_metrics(self.folder.path)
 
     # checkpoints
 
@@ -215,36 +191,26 @@ class Trainer:
         that cannot be written) leaves the previous checkpoints as they were."""
         if not self.procs.main:
             return
-        latest = self.save_folder / "model-latest.pt"
+        latest = self.folder.latest
         try:
-            self.save_folder.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(checkpoint_bytes(self.state_dict()), *dict.fromkeys([Path(path), latest]))
+            self.folder.path.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(checkpoint_bytes(self.state_dict()), *dict.fromkeys([path, latest]))
         except OSError as e:
             raise UserError(
                 f"could not write the checkpoint {path} ({e.strerror or e}); the previous checkpoint {latest} is "
                 f"intact. Free some space or choose another --save_folder, then resume with --load_path"
             ) from None
-        if self.config.keep_checkpoints:
-            numbered = sorted((int(p.stem[len("model-"):]), p) for p in self.save_folder.glob("model-*.pt")
-                              if p.stem[len("model-"):].isdigit())
-            for _, old in numbered[: -self.config.keep_checkpoints]:
-                old.unlink()
+        self.saved_step = self.step
+        self.folder.prune(self.config.keep_checkpoints)
 
-    def load(self, path):
-        """Resume from a checkpoint: weights, optimizer, step, data order and RNG states.
-        The homework's own checkpoints hold weights (and a step) only; they restore those."""
-        ckpt = load_checkpoint(path)
-        if "config" in ckpt:
-            theirs = Config.from_dict(ckpt["config"])
-            diff = self.config.differences(theirs, MODEL_FIELDS)
-            if diff:
-                listed = ", ".join(f"--{n} {ours} here but {other} in the checkpoint" for n, ours, other in diff)
-                raise UserError(f"{path} was trained with a different model: {listed}")
-        ignored = load_unet_weights(self.model, ckpt, path)
-        if ignored and self.procs.main:
-            print(f"note: ignored {len(ignored)} tensor(s) of the checkpoint's Diffusion that are not U-Net weights "
-                  f"({', '.join(ignored[:3])}{' ...' if len(ignored) > 3 else ''}); the schedule comes from --time_steps")
+    def load(self, ckpt, path):
+        """Resume from a checkpoint (a dict from hw2.checkpoint.load_checkpoint, read from path):
+        weights, optimizer, step, data order and RNG states. The homework's own checkpoints
+        hold weights (and a step) only; they restore those."""
+        load_unet_weights(self.model, ckpt, path)
         self.step = int(ckpt.get("step", 0))
+        if Path(path).resolve() == self.folder.latest.resolve():
+            self.saved_step = self.step
         if is_homework_checkpoint(ckpt):
             if self.procs.main:
                 print(f"note: {path} holds weights only (the homework's format): training continues from step "
@@ -265,12 +231,31 @@ class Trainer:
     # the loop
 
     def fit(self):
-        """Train until train_steps, with a milestone every save_and_sample_every steps."""
+        """Train until train_steps, with a milestone every save_and_sample_every steps, then
+        draw the final grid. A signal stops it at the next safe point, after a checkpoint."""
         cfg = self.config
         if self.logger:
             self.logger.truncate(self.step)  # rows past the checkpoint belong to a lost run
-        with StopRequests() as stop, tqdm(initial=self.step, total=cfg.train_steps, desc="steps",
-                                          dynamic_ncols=True, disable=not self.procs.main) as bar:
+        try:
+            with StopRequests(announce=self.procs.main) as stop:
+                self._loop(stop)
+        except KeyboardInterrupt:  # a second Ctrl-C
+            raise Interrupted(f"interrupted at step {self.step}; {self.on_disk()}", 128 + signal.SIGINT) from None
+        if self.procs.any(stop.signal is not None):  # a collective: every process must ask
+            signum = stop.signal or signal.SIGTERM  # another process was signalled
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {self.step}; {self.on_disk()}",
+                              128 + signum)
+        if self.milestone_images and self.milestone_images[0] == self.step:
+            final = self.milestone_images[1][: cfg.num_samples]  # the last step was a milestone
+        else:
+            final = self.sample(cfg.num_samples, seed=cfg.seed - 1)
+        if self.procs.main:
+            save_grid(final, self.folder.path / "sample-final.png")
+
+    def _loop(self, stop):
+        cfg = self.config
+        with tqdm(initial=self.step, total=cfg.train_steps, desc="steps", dynamic_ncols=True,
+                  disable=not self.procs.main) as bar:
             while self.step < cfg.train_steps and not self.procs.any(stop.signal is not None):
                 loss = self.train_step()
                 bar.set_postfix(loss=f"{loss:.4f}")
@@ -278,20 +263,19 @@ class Trainer:
                 if self.logger:
                     self.logger.log({"loss": loss}, self.step, self.elapsed)
                 if self.step % cfg.save_and_sample_every == 0:
+                    stop.phase = "milestone"
                     self.milestone()
-        if self.step % cfg.save_and_sample_every:  # the last milestone did not save this step
+                    stop.phase = "step"
+        if self.step != self.saved_step:  # the last milestone did not save this step
             if self.logger:
                 self.logger.flush()
-            self.save(self.save_folder / "model-latest.pt")
+            self.save(self.folder.latest)
             if self.procs.main:
-                plot_metrics(self.save_folder)
-        if self.procs.any(stop.signal is not None):  # a collective: every process must ask
-            latest = self.save_folder / "model-latest.pt"
-            saved = (f"the checkpoint {latest} is saved. Resume with the same flags plus --load_path {latest}"
-                     if self.step else "no step was taken, so there is nothing to save")
-            signum = stop.signal or signal.SIGTERM  # another process was signalled
-            raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {self.step}; {saved}", 128 + signum)
-        final = self.sample(cfg.num_samples, seed=cfg.seed - 1)
-        if self.procs.main:
-            save_grid(final, self.save_folder / "sample-final.png")
-            print("training completed")
+                plot_metrics(self.folder.path)
+
+    def on_disk(self):
+        """What a stopped run leaves to resume from, and how."""
+        if self.saved_step is None:
+            return "no checkpoint was saved, so there is nothing to resume"
+        return (f"{self.folder.latest} holds step {self.saved_step}. Resume with: "
+                f"python main.py --load_path {self.folder.path}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hw2.errors import UserError
+from hw2.errors import UserError, shorten
 from hw2.files import torch_bytes, write_atomic
 
 # The layout and meaning of this project's checkpoints. Checkpoints without the key
@@ -43,13 +43,12 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"refusing to load {path}: it holds objects other than tensors and plain values "
-            f"({first[:200]}); only load checkpoints you trust"
+            f"({shorten(e) or type(e).__name__}); only load checkpoints you trust"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {str(e)[:200]})") from None
+        raise UserError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {shorten(e)})") from None
     if isinstance(ckpt, dict) and ckpt and "model" not in ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         ckpt = {"model": ckpt}  # a bare state_dict
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):

@@ -12,44 +12,48 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
 
-def _f(default, help):
+def flag(default, help):
+    """A Config field that is also a command-line flag of the same name."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
     # data
-    data_path: str = _f("./data/train", "folder with one subfolder of images per class (AFHQ: cat, dog, wild)")
-    data_class: str = _f("cat", "which class to train on: all, cat, dog or wild")
-    image_size: int = _f(32, "side of the square training images, in pixels")
-    cache_dir: str = _f("./.cache", "where decoded, resized images are cached between runs")
+    data_path: str = flag("./data/train", "folder with one subfolder of images per class (AFHQ: cat, dog, wild)")
+    data_class: str = flag("cat", "which class to train on: all, cat, dog or wild")
+    image_size: int = flag(32, "side of the square training images, in pixels")
+    cache_dir: str = flag("./.cache", "where decoded, resized images are cached between runs")
     # model and diffusion
-    unet_dim: int = _f(16, "base channel count of the U-Net")
-    unet_dim_mults: tuple = _f((1, 2, 4, 8), "channel multiplier per U-Net level")
-    time_steps: int = _f(50, "number of diffusion steps T")
+    unet_dim: int = flag(16, "base channel count of the U-Net")
+    unet_dim_mults: tuple = flag((1, 2, 4, 8), "channel multiplier per U-Net level")
+    time_steps: int = flag(50, "number of diffusion steps T")
     # optimization
-    train_steps: int = _f(10000, "number of optimizer steps")
-    batch_size: int = _f(32, "images per forward pass")
-    gradient_accumulate_every: int = _f(2, "forward passes per optimizer step (effective batch = batch_size x this)")
-    learning_rate: float = _f(1e-3, "Adam learning rate")
-    seed: int = _f(2024, "seed for weights, data order, noise and samples")
-    ema_decay: float = _f(0.0, "EMA of the weights, used for sampling, e.g. 0.995 (0 = off, the homework)")
-    sampling_timesteps: int = _f(None, "sample with DDIM over this many steps (< time_steps); default: the full DDPM chain")
-    heldout_images: int = _f(0, "training images kept out to measure a held-out denoising loss at milestones (0 = off)")
-    channels_last: bool = _f(False, "store the U-Net's activations channels-last (NHWC); see benchmarks/")
-    amp: str = _f("auto", "mixed precision: auto (bf16/fp16 on CUDA, bf16 on CPUs with native bf16), off, bf16 or fp16")
+    train_steps: int = flag(10000, "number of optimizer steps")
+    batch_size: int = flag(32, "images per forward pass")
+    gradient_accumulate_every: int = flag(2, "forward passes per optimizer step (effective batch = batch_size x this)")
+    learning_rate: float = flag(1e-3, "Adam learning rate")
+    seed: int = flag(2024, "seed for weights, data order, noise and samples")
+    ema_decay: float = flag(0.0, "EMA of the weights, used for sampling, e.g. 0.995 (0 = off, the homework)")
+    sampling_timesteps: int = flag(None, "sample with DDIM over this many steps (< time_steps); default: the full DDPM chain")
+    heldout_images: int = flag(0, "training images kept out to measure a held-out denoising loss at milestones (0 = off)")
+    channels_last: bool = flag(False, "store the U-Net's activations channels-last (NHWC); see benchmarks/")
+    amp: str = flag("auto", "mixed precision: auto (bf16/fp16 on CUDA, bf16 on CPUs with native bf16), off, bf16 or fp16")
     # outputs
-    save_folder: str = _f("./results", "where checkpoints, sample images and plots go")
-    save_and_sample_every: int = _f(1000, "steps between milestones (checkpoint + samples)")
-    num_samples: int = _f(64, "images in each milestone's sample grid")
-    keep_checkpoints: int = _f(0, "numbered milestone checkpoints to keep, newest first (0 keeps all)")
-    load_path: str = _f(None, "checkpoint to resume training from, or to visualize with --visualize")
-    fid: bool = _f(False, "compute FID against the training images at every milestone")
-    fid_num_samples: int = _f(512, "generated images per FID evaluation")
-    inception_path: str = _f(None, "clean-fid's inception-2015-12-05.pt, if not in cache_dir (or set $HW2_INCEPTION_PATH)")
-    visualize: bool = _f(False, "render the forward and backward diffusion of a training batch from --load_path and exit")
-    wandb: str = _f("auto", "auto (online when logged in to W&B, else offline), online, offline or disabled")
-    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
+    save_folder: str = flag("./results", "where checkpoints, sample images and plots go")
+    save_and_sample_every: int = flag(1000, "steps between milestones (checkpoint + samples)")
+    num_samples: int = flag(64, "images in each milestone's sample grid")
+    keep_checkpoints: int = flag(0, "numbered milestone checkpoints to keep, newest first (0 keeps all)")
+    load_path: str = flag(None, "checkpoint (or run folder) to resume from, visualize or sample; its stored settings "
+                                "are the defaults, flags given override them")
+    overwrite: bool = flag(False, "start a fresh run in a --save_folder that holds another run, deleting that run's files")
+    fid: bool = flag(False, "compute FID against the training images at every milestone")
+    fid_num_samples: int = flag(512, "generated images per FID evaluation")
+    inception_path: str = flag(None, "clean-fid's inception-2015-12-05.pt, if not in cache_dir (or set $HW2_INCEPTION_PATH)")
+    visualize: bool = flag(False, "render the forward and backward diffusion of a training batch from --load_path and exit")
+    sample: int = flag(0, "draw this many images from --load_path's model into a folder of their own and exit (0 = off)")
+    wandb: str = flag("auto", "auto (online when logged in to W&B, else offline), online, offline or disabled")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
 
     def __post_init__(self):
         self.unet_dim_mults = tuple(self.unet_dim_mults)
@@ -94,6 +98,12 @@ class Config:
             raise ValueError(f"--unet_dim must be a multiple of 8 (GroupNorm uses 8 groups), got {self.unet_dim}")
         if self.visualize and not self.load_path:
             raise ValueError("--visualize needs a trained model: pass --load_path CHECKPOINT")
+        if self.sample < 0:
+            raise ValueError(f"--sample must be a number of images (0 = off), got {self.sample}")
+        if self.sample and not self.load_path:
+            raise ValueError("--sample needs a trained model: pass --load_path CHECKPOINT")
+        if self.sample and self.visualize:
+            raise ValueError("--sample and --visualize are separate jobs: run one, then the other")
 
     def to_dict(self):
         return asdict(self)
@@ -112,3 +122,7 @@ class Config:
 # Fields that fix the shapes of the model's weights and its schedule: a checkpoint
 # made with other values cannot be resumed.
 MODEL_FIELDS = ("image_size", "unet_dim", "unet_dim_mults", "time_steps")
+
+# Fields a checkpoint's stored config does not supply: what to do this time, and where
+# this machine keeps things. Every other field defaults to the checkpoint's value.
+NOT_INHERITED = ("load_path", "overwrite", "visualize", "sample", "device", "cache_dir", "inception_path")

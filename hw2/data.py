@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -72,8 +71,16 @@ def decode(path, side):
 
 
 def resize_square(img, side):
-    """PIL image -> side x side: the shorter side to `side` (torchvision's Resize), then the center."""
-    return TF.center_crop(TF.resize(img, side), [side, side])
+    """PIL image -> side x side: the shorter side to `side`, bilinear (what torchvision's
+    Resize(side) does to a PIL image), then the central square (its CenterCrop(side))."""
+    w, h = img.size
+    if w <= h:
+        size = (side, int(side * h / w))
+    else:
+        size = (int(side * w / h), side)
+    img = img.resize(size, Image.BILINEAR)
+    left, top = int(round((size[0] - side) / 2.0)), int(round((size[1] - side) / 2.0))
+    return img.crop((left, top, left + side, top + side))
 
 
 def files_key(files, tag):
@@ -86,11 +93,18 @@ def files_key(files, tag):
     return h.hexdigest()[:20]
 
 
-def load_images(files, side, cache_dir=None, progress=True):
+def too_few_images(n, batch_size, world=1):
+    per = f" ({world} processes x {batch_size})" if world > 1 else ""
+    return UserError(f"the dataset has {n} usable images, fewer than one batch of {batch_size * world}{per}: "
+                     f"add images or lower --batch_size")
+
+
+def load_images(files, side, cache_dir=None, progress=True, need=1):
     """Decode and resize every file once: (uint8 tensor (N, 3, side, side), [skipped paths]).
 
     Results are cached in cache_dir under a key made of the side and each file's
     name, size and modification time, so any change to the files invalidates it.
+    Fewer than `need` usable images is an error, raised before anything is cached.
     """
     cache = None
     if cache_dir:
@@ -116,6 +130,8 @@ def load_images(files, side, cache_dir=None, progress=True):
     kept = [a for a in arrays if a is not None]
     if not kept:
         raise UserError(f"none of the {len(files)} image files could be read (first: {files[0]})")
+    if len(kept) < need:
+        raise too_few_images(len(kept), need)
     images = torch.from_numpy(np.stack(kept)).permute(0, 3, 1, 2).contiguous()  # (N, 3, side, side)
     skipped.sort()
 
@@ -143,11 +159,7 @@ class Batches:
     def __init__(self, images, image_size, batch_size, seed, rank=0, world=1):
         n = images.shape[0]
         if n < batch_size * world:
-            per = f" ({world} processes x {batch_size})" if world > 1 else ""
-            raise UserError(
-                f"the dataset has {n} usable images, fewer than one batch of {batch_size * world}{per}: "
-                f"add images or lower --batch_size"
-            )
+            raise too_few_images(n, batch_size, world)
         self.images = images  # (N, 3, R, R) uint8
         self.image_size = image_size
         self.batch_size = batch_size
@@ -219,11 +231,11 @@ def center_crops(images, image_size):
     return images[:, :, y:y + image_size, y:y + image_size]
 
 
-def training_data(config, progress=True):
-    """Find, decode and cache the configured training images; report skipped files.
-    Returns (files, images (N, 3, R, R) uint8)."""
-    files = find_images(config.data_path, config.data_class)
-    images, skipped = load_images(files, resized_side(config.image_size), config.cache_dir, progress)
+def training_data(config, progress=True, need=1, files=None):
+    """Find (unless files are given), decode and cache the configured training images;
+    report skipped files. Returns (files, images (N, 3, R, R) uint8)."""
+    files = files or find_images(config.data_path, config.data_class)
+    images, skipped = load_images(files, resized_side(config.image_size), config.cache_dir, progress, need)
     if skipped:
         names = ", ".join(p.name for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         print(f"skipped {len(skipped)} unreadable image file(s) of {len(files)}: {names}")

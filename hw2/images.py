@@ -1,11 +1,14 @@
 """Writing sample images: one PNG per image, and grids. Inputs are (B, C, H, W) in [0, 1]."""
+import io
 import math
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
+
+from hw2.files import write_atomic
+
+PADDING = 2  # pixels of white between the images of a grid
 
 
 def to_uint8(images):
@@ -13,26 +16,36 @@ def to_uint8(images):
     return images.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _save_png(array, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+def png_bytes(array):
+    """(H, W, 3) uint8 -> the bytes of a PNG file."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def save_images(images, folder, start=0):
-    """Save each image as folder/{index:05d}.png, numbering from `start`."""
+def save_images(images, folder):
+    """Save each image as folder/{index:05d}.png. Sample images are outputs no later run reads,
+    so they are written whole (never half a file) but not fsynced one by one."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, array in enumerate(to_uint8(images)):
-        _save_png(array, folder / f"{start + i:05d}.png")
+        write_atomic(folder / f"{i:05d}.png", png_bytes(array), durable=False)
 
 
-def grid(images, nrow=None):
-    """Tile a batch into one (C, H', W') image, as close to square as the count allows."""
-    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    return make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
+def grid(images):
+    """Tile a batch into one (C, H', W') image, as close to square as the count allows, the
+    images 2 px apart on white (the layout of torchvision's make_grid)."""
+    images = images.detach().float().cpu()
+    b, c, h, w = images.shape
+    cols = min(b, math.ceil(math.sqrt(b)))
+    rows = math.ceil(b / cols)
+    out = torch.ones(c, rows * (h + PADDING) + PADDING, cols * (w + PADDING) + PADDING)
+    for k in range(b):
+        y, x = divmod(k, cols)
+        top, left = PADDING + y * (h + PADDING), PADDING + x * (w + PADDING)
+        out[:, top:top + h, left:left + w] = images[k]
+    return out
 
 
-def save_grid(images, path, nrow=None):
-    _save_png(to_uint8(grid(images, nrow)[None])[0], path)
+def save_grid(images, path):
+    write_atomic(path, png_bytes(to_uint8(grid(images)[None])[0]), durable=False)

@@ -1,24 +1,36 @@
-"""loss.png and fid.png, drawn from metrics.csv so they survive restarts."""
+"""loss.png and fid.png, drawn from metrics.csv so they survive restarts; and the one way
+a figure is written. matplotlib is imported on first use (it costs half a second)."""
+import io
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from hw2.runlog import read_metrics  # noqa: E402
+from hw2.files import write_atomic
+from hw2.runlog import read_metrics
 
 
-def _save(fig, path):
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+def pyplot():
+    """matplotlib.pyplot, drawing off-screen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path, **savefig):
+    """Write a figure as a PNG, whole (never half a file), and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, **savefig)
+    pyplot().close(fig)
+    write_atomic(path, buffer.getvalue(), durable=False)
+    return path
 
 
 def plot_metrics(save_folder):
     """Write loss.png (raw and smoothed) and, once FID exists, fid.png; returns the paths written."""
+    plt = pyplot()
     folder = Path(save_folder)
     rows = read_metrics(folder)
     written = []
@@ -38,7 +50,7 @@ def plot_metrics(save_folder):
         ax.set(xlabel="step", ylabel="L1 noise-prediction loss", title="Training loss")
         ax.legend()
         ax.grid(alpha=0.3)
-        _save(fig, folder / "loss.png")
+        save_figure(fig, folder / "loss.png", bbox_inches="tight")
         written.append(folder / "loss.png")
     fids = [(r["step"], r["fid"]) for r in rows if r["fid"] is not None]
     if fids:
@@ -47,6 +59,6 @@ def plot_metrics(save_folder):
         ax.plot(steps, values, marker="o")
         ax.set(xlabel="step", ylabel="FID (clean-fid)", title="FID against the training images")
         ax.grid(alpha=0.3)
-        _save(fig, folder / "fid.png")
+        save_figure(fig, folder / "fid.png", bbox_inches="tight")
         written.append(folder / "fid.png")
     return written

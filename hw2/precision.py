@@ -1,14 +1,26 @@
-"""Mixed precision, decided once: which autocast dtype a run uses, and the context for it.
+"""Mixed precision, decided once: which autocast dtype a run uses, why, and the context for it.
 
 Under autocast the convolutions and matrix products run in bfloat16 or float16; the
 schedule, q_sample's noise arithmetic and the loss stay in float32 (the autocast op lists
 leave elementwise arithmetic alone, and Diffusion casts the model's output to float32).
+
+What --amp auto picks:
+- CUDA, compute capability 8.0 and newer (A100, L4, RTX 30xx/40xx, H100): bfloat16.
+- CUDA below 8.0 (T4, V100, RTX 20xx): float16 with loss scaling (a GradScaler). These
+  GPUs can hold bfloat16 tensors, so torch.cuda.is_bf16_supported() says yes, but they
+  have no bfloat16 tensor-core path: bf16 there is emulated and slow.
+- CPUs with bfloat16 instructions (AVX512-BF16 or AMX): bfloat16; other CPUs and MPS: float32.
 """
 import contextlib
+import sys
 
 import torch
 
 from hw2.errors import UserError
+
+NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA GPUs with bfloat16 tensor cores
+_warned = set()  # warnings already printed by this process
+
 
 def cpu_has_native_bf16():
     """True on CPUs with bfloat16 instructions (AVX512-BF16 or AMX), where oneDNN runs bf16
@@ -19,25 +31,70 @@ def cpu_has_native_bf16():
         return False
 
 
-def amp_dtype(choice, device):
-    """The autocast dtype for --amp on this device, or None for float32 throughout.
+def cuda_capability(device):
+    return torch.cuda.get_device_capability(torch.device(device))
 
-    auto: bf16 on CUDA GPUs that support it, else fp16 on CUDA; bf16 on CPUs with native
-    bf16; float32 on other CPUs and on MPS."""
+
+def cuda_has_native_bf16(device):
+    """bfloat16 tensor cores: compute capability 8.0 or newer (ROCm GPUs that run torch have them)."""
+    if torch.version.hip:
+        return True
+    return tuple(cuda_capability(device)) >= NATIVE_BF16_CAPABILITY
+
+
+def amp_dtype(choice, device):
+    """The autocast dtype for --amp on this device, or None for float32 throughout."""
     device = torch.device(device)
     if choice == "off":
         return None
     if choice == "bf16":
+        if device.type == "cuda" and not cuda_has_native_bf16(device):
+            major, minor = cuda_capability(device)
+            warn_once(f"note: --amp bf16 on a GPU of compute capability {major}.{minor}: bfloat16 is emulated there "
+                      f"and slow; --amp fp16 (or auto) uses its float16 tensor cores")
         return torch.bfloat16
     if choice == "fp16":
         if device.type != "cuda":
             raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 or --amp off here")
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+def warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        print(message, file=sys.stderr)
+
+
+def describe_precision(choice, device, dtype):
+    """What the start-up line says: the precision and, for --amp auto, why."""
+    device = torch.device(device)
+    name = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast with loss scaling"}[dtype]
+    if choice != "auto":
+        return f"{name} (--amp {choice})"
+    if device.type == "cuda":
+        major, minor = cuda_capability(device)
+        native = "has" if cuda_has_native_bf16(device) else "has no"
+        return f"{name}: this GPU (compute capability {major}.{minor}) {native} native bf16"
+    if device.type == "cpu":
+        return f"{name}: this CPU {'has' if dtype else 'has no'} native bf16"
+    return f"{name} on {device.type}"
+
+
+def use_fast_float32(device):
+    """On CUDA, let float32 matrix products and convolutions use TF32 tensor cores (Ampere
+    and newer; no effect on older GPUs) and let cuDNN pick its fastest algorithms. Autocast
+    covers most of the model; this covers what stays in float32. The price: a resumed run
+    continues with the same data, noise and random states, but its floats are not bitwise
+    those of an uninterrupted run (cuDNN's choice and its atomics vary between processes)."""
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
 
 
 def autocast(device, dtype):

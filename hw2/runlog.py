@@ -1,12 +1,14 @@
 """Where a run's numbers and pictures go: metrics.csv in the save folder, always, and
 wandb (project DDPM_AFHQ), which never blocks or prompts: it runs online when a W&B
-login is found, offline otherwise, and not at all with --wandb disabled."""
+login is found, offline otherwise, and not at all with --wandb disabled. Its files go
+where $WANDB_DIR says, or into the save folder."""
 import csv
 import io
 import netrc
 import os
 from pathlib import Path
 
+from hw2.files import write_atomic
 from hw2.images import grid, to_uint8
 
 PROJECT = "DDPM_AFHQ"
@@ -38,7 +40,7 @@ def run_name(save_folder):
 
 
 def read_metrics(save_folder):
-    """The rows of metrics.csv as dicts of floats (None where a value is blank)."""
+    """The rows of metrics.csv as dicts of floats, the step an int (None where a value is blank)."""
     path = Path(save_folder) / METRICS_FILE
     if not path.is_file():
         return []
@@ -46,8 +48,10 @@ def read_metrics(save_folder):
         rows = []
         for row in csv.DictReader(f):
             try:
-                rows.append({k: (float(row[k]) if row.get(k) else None) for k in COLUMNS})
-            except (ValueError, TypeError):
+                values = {k: (float(row[k]) if row.get(k) else None) for k in COLUMNS}
+                values["step"] = int(values["step"])
+                rows.append(values)
+            except (ValueError, TypeError, KeyError):
                 continue  # not a row this version wrote
         return rows
 
@@ -63,13 +67,14 @@ class RunLog:
         if mode != "disabled":
             import wandb
 
-            self.folder.mkdir(parents=True, exist_ok=True)
+            where = os.environ.get("WANDB_DIR") or str(self.folder)
+            Path(where).mkdir(parents=True, exist_ok=True)
             os.environ.setdefault("WANDB_SILENT", "true")
 
             def start(mode):
                 return wandb.init(
                     project=PROJECT, name=run_name(config.save_folder), config=config.to_dict(),
-                    dir=str(self.folder), mode=mode, settings=wandb.Settings(init_timeout=30),
+                    dir=where, mode=mode, settings=wandb.Settings(init_timeout=30),
                 )
 
             try:
@@ -104,12 +109,23 @@ class RunLog:
 
             self.run.log({name: wandb.Image(to_uint8(grid(images)[None])[0])}, step=step)
 
-    def log_file(self, name, path, step=None):
+    def log_file(self, name, path):
         """A PNG already on disk (a figure) logged to wandb under name."""
         if self.run is not None:
             import wandb
 
-            self.run.log({name: wandb.Image(str(path))}, step=step)
+            self.run.log({name: wandb.Image(str(path))})
+
+    def log_summary(self, values):
+        """Values that describe the run as a whole (not a step), e.g. --sample's FID."""
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def sync_command(self):
+        """The command that uploads this run when it was logged offline, else None."""
+        if self.run is None or self.run.settings.mode != "offline":
+            return None
+        return f"wandb sync {self.run.settings.sync_dir}"
 
     def flush(self, force=False):
         """Rewrite metrics.csv whole, through a temporary file renamed into place, so a crash
@@ -121,12 +137,7 @@ class RunLog:
         writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in self.rows)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(text.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, text.getvalue())
         self.unsaved = 0
 
     def finish(self):

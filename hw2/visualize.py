@@ -6,15 +6,14 @@ the forward's last (99 %) noise image itself, in the model's [-1, 1] scale, reco
 it passes the same t on its way down; its 0 % column is the final, denoised image.
 Images are rows, steps are labelled columns.
 """
-import matplotlib
+from pathlib import Path
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import torch
 
-from diffusion import unnormalize  # noqa: E402
-from hw2.data import Batches  # noqa: E402
-from hw2.precision import autocast  # noqa: E402
+from diffusion import unnormalize
+from hw2.data import Batches
+from hw2.plots import pyplot, save_figure
+from hw2.precision import autocast
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.99)
 MAX_ROWS = 8
@@ -54,7 +53,7 @@ def backward_images(diffusion, x_start, ts, generator):
 def figure(columns, labels, title, path):
     """columns: list of (B, C, H, W) in [-1, 1] -> a rows x columns PNG at path."""
     rows = columns[0].shape[0]
-    fig, axes = plt.subplots(rows, len(columns), figsize=(1.4 * len(columns), 1.4 * rows + 0.5), squeeze=False)
+    fig, axes = pyplot().subplots(rows, len(columns), figsize=(1.4 * len(columns), 1.4 * rows + 0.5), squeeze=False)
     for j, (images, label) in enumerate(zip(columns, labels)):
         images = unnormalize(images).cpu()
         axes[0, j].set_title(label, fontsize=8)
@@ -63,25 +62,25 @@ def figure(columns, labels, title, path):
             axes[i, j].axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
-def visualize(trainer, logger=None):
-    """Write forward_diffusion.png and backward_diffusion.png into the save folder (and log them).
-    The backward pass uses the sampling weights (the EMA when --ema_decay is on)."""
-    cfg, diffusion = trainer.config, trainer.diffusion
+def visualize(diffusion, sampler, images, config, amp_dtype=None, logger=None):
+    """Write forward_diffusion.png and backward_diffusion.png into config.save_folder (and log
+    them). diffusion noises the first training batch of images ((N, 3, R, R) uint8); sampler,
+    the same diffusion with the sampling weights (the EMA when there is one), denoises it."""
+    device = diffusion.device
     diffusion.model.eval()
-    first = next(Batches(trainer.batches.images, cfg.image_size, cfg.batch_size, seed=cfg.seed))
-    x_0 = Batches.to_model(first[:MAX_ROWS], trainer.device)
-    ts = step_indices(cfg.time_steps)
-    generator = torch.Generator(device=trainer.device).manual_seed(cfg.seed)
+    sampler.model.eval()
+    first = next(Batches(images, config.image_size, min(config.batch_size, images.shape[0]), seed=config.seed))
+    x_0 = Batches.to_model(first[:MAX_ROWS], device)
+    ts = step_indices(config.time_steps)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
     forward = forward_images(diffusion, x_0, ts, generator)
-    with autocast(trainer.device, trainer.amp_dtype):
-        backward = [x.float() for x in backward_images(trainer.sampler, forward[-1], ts, generator)]
+    with autocast(device, amp_dtype):
+        backward = [x.float() for x in backward_images(sampler, forward[-1], ts, generator)]
 
-    folder = trainer.save_folder
+    folder = Path(config.save_folder)
     folder.mkdir(parents=True, exist_ok=True)
     labels = [f"{round(f * 100)}% (t={t})" for f, t in zip(FRACTIONS, ts)]
     paths = {

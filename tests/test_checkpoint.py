@@ -77,9 +77,13 @@ def test_every_random_state_round_trips_through_a_checkpoint(tiny_config, tmp_pa
     trainer.save(tmp_path / "model-1.pt")
     expected = (torch.rand(3), next(trainer.batches))
     torch.rand(5), next(trainer.batches)  # move every stream on
-    trainer.load(tmp_path / "model-1.pt")
+    load(trainer, tmp_path / "model-1.pt")
     got = (torch.rand(3), next(trainer.batches))
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def load(trainer, path):
+    trainer.load(load_checkpoint(path), path)
 
 
 # The homework starter's checkpoints, built from the weights its own code produced
@@ -109,34 +113,35 @@ def test_starter_checkpoints_load_the_starters_function(tiny_config, tmp_path, l
     config = golden_config(tiny_config, case)
     diffusion = Diffusion(Unet(case["dim"], dim_mults=tuple(case["dim_mults"])), image_size=16, timesteps=50)
     trainer = Trainer(diffusion, config, torch.zeros(8, 3, 17, 17, dtype=torch.uint8))
-    trainer.load(path)
+    load(trainer, path)
     assert trainer.step == (1234 if layout == "trainer" else 0)
     with torch.no_grad():
         y = diffusion.model.eval()(case["x"], case["t"])
     assert (y - case["y"]).abs().max() < 1e-5
-    out = capsys.readouterr().out
-    if layout == "trainer":
-        assert "ignored 3 tensor(s)" in out and "alphas_cumprod" in out
-    assert "fresh optimizer" in out
+    assert "fresh optimizer" in capsys.readouterr().out
 
 
 @needs_golden
 @pytest.mark.parametrize("layout", ["trainer", "bare"])
 def test_visualize_and_resume_from_starter_checkpoints(image_root, tmp_path, layout, capsys):
     case = golden_cases()[1]
-    path = starter_checkpoint(tmp_path / f"{layout}.pt", case, step=3)
+    path = starter_checkpoint(tmp_path / f"{layout}.pt", case, step=3, layout=layout)
     args = ["--image_size", "16", "--unet_dim", "8", "--unet_dim_mults", "1", "2", "4", "--batch_size", "4",
             "--num_samples", "2", "--device", "cpu", "--data_path", str(image_root), "--cache_dir", str(tmp_path / "c"),
             "--save_folder", str(tmp_path / "out"), "--load_path", str(path)]
     assert main.main([*args, "--visualize"]) == 0
     assert (tmp_path / "out" / "backward_diffusion.png").is_file()
+    out = capsys.readouterr().out
+    assert f"loaded {path} (step {3 if layout == 'trainer' else 0})" in out
+    if layout == "trainer":
+        assert "ignored 3 tensor(s) of the checkpoint's Diffusion" in out and "alphas_cumprod" in out
     assert main.main([*args, "--train_steps", "4", "--save_and_sample_every", "4"]) == 0
-    assert "(step 3)" in capsys.readouterr().out
     resumed = load_checkpoint(tmp_path / "out" / "model-latest.pt")
     assert resumed["step"] == 4
     moved = [k for k, v in case["state_dict"].items() if not torch.equal(resumed["model"][k], v)]
     assert moved  # one step of Adam from the starter's weights, not from a fresh model
-    assert max((resumed["model"][k] - v).abs().max().item() for k, v in case["state_dict"].items()) < 0.01
+    steps = 1 if layout == "trainer" else 4
+    assert max((resumed["model"][k] - v).abs().max().item() for k, v in case["state_dict"].items()) < 0.002 * steps
 
 
 @needs_golden
@@ -147,7 +152,7 @@ def test_a_checkpoint_of_another_size_names_the_flags(tiny_config, tmp_path):
                       golden_config(tiny_config, golden_cases()[1]), torch.zeros(8, 3, 17, 17, dtype=torch.uint8))
     with pytest.raises(UserError, match=r"trained with --unet_dim 16 --unet_dim_mults 1 2 4 8, this run builds "
                                         r"--unet_dim 8 --unet_dim_mults 1 2 4; pass the checkpoint's values"):
-        trainer.load(path)
+        load(trainer, path)
 
 
 @needs_golden
@@ -161,7 +166,7 @@ def test_a_checkpoint_of_another_network_names_the_keys_not_the_flags(tiny_confi
     trainer = Trainer(Diffusion(Unet(8, dim_mults=(1, 2, 4)), image_size=16, timesteps=50),
                       golden_config(tiny_config, case), torch.zeros(8, 3, 17, 17, dtype=torch.uint8))
     with pytest.raises(UserError) as error:
-        trainer.load(tmp_path / "other.pt")
+        load(trainer, tmp_path / "other.pt")
     message = str(error.value)
     assert "1 weight(s) missing (mid_attn.fn.norm.g)" in message
     assert "2 unexpected (mid_attn.fn.norm.weight, downs.0.2.fn.norm.bias)" in message

@@ -25,7 +25,7 @@ def tiny_args(image_root, tmp_path, *extra):
 
 
 def test_defaults_are_the_homework_command():
-    config = main.parse_config([])
+    config, _ = main.parse_config([])
     assert (config.time_steps, config.train_steps, config.image_size, config.batch_size) == (50, 10000, 32, 32)
     assert (config.learning_rate, config.unet_dim, config.unet_dim_mults) == (1e-3, 16, (1, 2, 4, 8))
     assert (config.save_and_sample_every, config.data_path, config.data_class) == (1000, "./data/train", "cat")
@@ -42,11 +42,11 @@ def test_every_config_field_is_a_flag_with_help():
 @pytest.mark.parametrize("args,expected", [([], False), (["--fid"], True), (["--fid", "True"], True),
                                            (["--fid", "False"], False), (["--fid", "false"], False)])
 def test_boolean_flags_take_the_homework_forms(args, expected):
-    assert main.parse_config(args).fid is expected
+    assert main.parse_config(args)[0].fid is expected
 
 
 def test_flag_values_reach_the_config():
-    c = main.parse_config(["--unet_dim_mults", "1", "2", "4", "--image_size", "64", "--learning_rate", "2e-4",
+    c, _ = main.parse_config(["--unet_dim_mults", "1", "2", "4", "--image_size", "64", "--learning_rate", "2e-4",
                            "--data_class", "all", "--load_path", "x.pt"])
     assert c.unet_dim_mults == (1, 2, 4) and c.image_size == 64 and c.learning_rate == 2e-4
     assert c.data_class == "all" and c.load_path == "x.pt"

@@ -45,7 +45,7 @@ def test_heldout_loss_is_logged_at_milestones(image_root, tmp_path, capsys):
     heldout = [(r["step"], r["heldout_loss"]) for r in rows if r["heldout_loss"] is not None]
     assert [s for s, _ in heldout] == [2, 4] and all(0 < v < 2 for _, v in heldout)
     assert all(r["loss"] is not None for r in rows)
-    assert main.main([*base, "--heldout_images", "12"]) == 1
+    assert main.main([*base, "--heldout_images", "12", "--save_folder", str(tmp_path / "r2")]) == 1
     assert "--heldout_images 12 leaves no image to train on" in capsys.readouterr().err
 
 

@@ -50,12 +50,12 @@ def test_real_statistics_are_computed_once(real_folder, tmp_path):
         calls.append(x.shape[0])
         return pooled(x)
 
-    first = FID(counting, files, 16, tmp_path / "cache", "cpu", extractor_name="pooled")
+    first = FID(counting, files, 16, tmp_path / "cache", "cpu", extractor_name="pooled").prepare()
     assert sum(calls) == 40 and len(list((tmp_path / "cache").glob("fid-real-16px-*.npz"))) == 1
     calls.clear()
-    second = FID(counting, files, 16, tmp_path / "cache", "cpu", extractor_name="pooled")
+    second = FID(counting, files, 16, tmp_path / "cache", "cpu", extractor_name="pooled").prepare()
     assert calls == [] and np.array_equal(first.real_mu, second.real_mu)
-    other = FID(counting, files, 32, tmp_path / "cache", "cpu", extractor_name="pooled")
+    other = FID(counting, files, 32, tmp_path / "cache", "cpu", extractor_name="pooled").prepare()
     assert sum(calls) == 40 and not np.array_equal(other.real_sigma, first.real_sigma)
 
 
