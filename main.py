@@ -55,10 +55,10 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         args, unknown = self.parse_known_args(args, namespace)
         if unknown:
-            flags = [s for a in self._actions for s in a.option_strings]
+            flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
             first = unknown[0].split("=")[0]
-            close = difflib.get_close_matches(first, flags, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else ""
+            close = [f for f in flags if f.startswith(first)] or difflib.get_close_matches(first, flags, n=2, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close[:3])}?" if close and first.startswith("--") else ""
             self.error(f"unknown flag {first}{hint}" if first.startswith("-") else f"unexpected argument {first}")
         return args
 

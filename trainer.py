@@ -1,5 +1,5 @@
-"""The training loop: a small class of verbs (train_step, sample, heldout_loss, milestone,
-save, load, fit). The files it writes are named in hw2/runfolder.py."""
+"""The training loop: a small class of verbs (train_step, sample, milestone, save, load,
+fit). The files it writes are named in hw2/runfolder.py."""
 import contextlib
 import math
 import signal
@@ -12,10 +12,11 @@ from tqdm.auto import tqdm
 from diffusion import Diffusion
 from hw2.checkpoint import capture_rng, checkpoint_bytes, is_homework_checkpoint, load_unet_weights, restore_rng, \
     save_checkpoint
-from hw2.data import Batches, center_crops
+from hw2.data import Batches
 from hw2.distributed import Processes
 from hw2.ema import EMA
 from hw2.errors import Interrupted, UserError
+from hw2.heldout import heldout_loss
 from hw2.images import save_grid, save_images
 from hw2.interrupt import StopRequests
 from hw2.plots import plot_metrics
@@ -128,22 +129,6 @@ class Trainer:
         """n images (n, C, H, W) in [0, 1] from the sampling weights (every process takes part)."""
         return generate(self.sampler, n, seed, self.amp_dtype, self.procs, progress=True)
 
-    @torch.inference_mode()
-    def heldout_loss(self):
-        """Mean L1 noise-prediction error of the sampling weights on the held-out images, over
-        t uniform; t and the noise come from a fixed seed, so milestones are comparable."""
-        self.model.eval()
-        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        images = center_crops(self.heldout, self.config.image_size)
-        total = 0.0
-        for start in range(0, images.shape[0], self.config.batch_size):
-            x_0 = Batches.to_model(images[start:start + self.config.batch_size], self.device)
-            t = torch.randint(0, self.sampler.num_timesteps, (x_0.shape[0],), device=self.device, generator=generator)
-            noise = torch.randn(x_0.shape, device=self.device, generator=generator)
-            with autocast(self.device, self.amp_dtype):
-                total += self.sampler.p_loss(x_0, t, noise).item() * x_0.shape[0]
-        return total / images.shape[0]
-
     def milestone(self):
         """Save a checkpoint, then draw and save samples, then the held-out loss, FID and plots."""
         m = self.step // self.config.save_and_sample_every
@@ -161,7 +146,9 @@ class Trainer:
             self.logger.log_images("samples", images[: self.config.num_samples], self.step)
         values = {}
         if self.heldout is not None:
-            values["heldout_loss"] = self.heldout_loss()
+            cfg = self.config
+            values["heldout_loss"] = heldout_loss(self.sampler, self.heldout, cfg.image_size, cfg.batch_size, cfg.seed,
+                                                  self.amp_dtype)
         if self.fid:
             values["fid"] = self.last_fid = self.fid(self.folder.samples(m))
         if values:

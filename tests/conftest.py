@@ -64,25 +64,42 @@ def tiny_config(image_root, tmp_path):
     )
 
 
-class PooledLayers(nn.Module):
-    def forward(self, x):
-        return F.adaptive_avg_pool2d(x, 2).flatten(1)  # (B, 12)
-
-
-class StandIn(nn.Module):
-    """Shaped like clean-fid's TorchScript Inception: a `layers` submodule does the work."""
+class StandInLayers(nn.Module):
+    """(B, 3, 299, 299) in [-1, 1] -> (B, 2048): a fixed random 5x5 conv, tanh, 16 x 16 average
+    pooling. The tanh makes the features depend on the pixels' scale, the conv on the
+    image's fine detail (its resolution before the resize to 299)."""
 
     def __init__(self):
         super().__init__()
-        self.layers = PooledLayers()
+        self.conv = nn.Conv2d(3, 8, 5, stride=3)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=generator) * 0.3)
+            self.conv.bias.copy_(torch.randn(8, generator=generator) * 0.1)
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 16).flatten(1)  # (B, 8 * 16 * 16)
+
+
+class StandIn(nn.Module):
+    """Shaped like clean-fid's TorchScript Inception (inception-2015-12-05.pt): clean-fid's own
+    InceptionV3W loads it and calls its `layers` on (x - 128) / 128, as the project does."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = StandInLayers()
 
     def forward(self, x):
         return self.layers(x)
 
 
-@pytest.fixture
-def standin_file(tmp_path):
-    path = tmp_path / "standin-inception.pt"
+def write_standin(path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with pytest.warns(FutureWarning):  # TorchScript is deprecated, but it is what clean-fid ships
         torch.jit.script(StandIn()).save(str(path))
     return path
+
+
+@pytest.fixture
+def standin_file(tmp_path):
+    return write_standin(tmp_path / "standin-inception.pt")

@@ -140,10 +140,16 @@ def test_forward_rejects_wrong_image_shape():
         make(size=8)(torch.zeros(1, 3, 16, 16))
 
 
-def test_schedule_buffers_follow_the_module_to_a_device():
-    d = make().to(torch.float64)
-    assert d.alphas_cumprod.dtype == torch.float64
-    assert d.device == torch.device("cpu")
+def test_schedule_buffers_follow_the_module_to_another_device_and_dtype():
+    d = make(model=Unet(8, dim_mults=(1, 2)))
+    expected = d.alphas_cumprod.clone()
+    d.to(torch.float64)
+    assert all(b.dtype == torch.float64 for b in d.buffers()) and d.alphas_cumprod.dtype == torch.float64
+    assert torch.equal(d.to(torch.float32).alphas_cumprod, expected)
+    d.to("meta")
+    assert d.device == torch.device("meta")
+    assert all(b.is_meta for b in d.buffers()) and all(p.is_meta for p in d.parameters())
+    assert d.with_model(Unet(8, dim_mults=(1, 2))).device == torch.device("meta")
 
 
 def test_ddim_with_every_step_and_eta_one_is_the_ddpm_chain():

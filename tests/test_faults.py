@@ -1,11 +1,11 @@
 """Killing and interrupting real training processes: nothing is lost beyond the last checkpoint."""
 import errno
-import random
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,24 +47,95 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(image_root, tmp_path
     assert load_checkpoint(out / "model-latest.pt")["step"] == step
 
 
-def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(image_root, tmp_path):
-    """Every step is a milestone, so the kills land in and around checkpoint writes."""
-    rng = random.Random(0)
+class StderrReader:
+    """Collects a process's stderr as it comes (progress bars write without newlines)."""
+
+    def __init__(self, proc):
+        import threading
+
+        self.text = ""
+        self.proc = proc
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for chunk in iter(lambda: self.proc.stderr.read(1), ""):
+            self.text += chunk
+
+    def wait_for(self, needle, timeout=60):
+        deadline = time.monotonic() + timeout
+        while needle not in self.text:
+            assert time.monotonic() < deadline, f"{needle!r} did not appear in:\n{self.text[-2000:]}"
+            time.sleep(0.02)
+        return time.monotonic()
+
+
+def test_ctrl_c_during_milestone_sampling_is_acknowledged_and_a_second_one_tells_the_truth(image_root, tmp_path):
     out = tmp_path / "run"
-    steps = []
-    for attempt in range(4):
-        extra = ["--load_path", str(out / "model-latest.pt")] if attempt else []
-        proc = start(image_root, tmp_path, out, *extra)
-        wait_for(out / f"model-{(steps[-1] if steps else 0) + 1}.pt", proc)
-        time.sleep(rng.uniform(0.0, 1.5))
-        proc.kill()
-        proc.communicate()
-        ckpt = load_checkpoint(out / "model-latest.pt")
-        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
-        steps.append(ckpt["step"])
-    assert steps == sorted(steps) and steps[-1] > steps[0]  # each restart resumed and went further
-    logged = [r["step"] for r in read_metrics(out)]
-    assert logged == list(range(1, len(logged) + 1))  # no step lost or repeated in metrics.csv
+    proc = start(image_root, tmp_path, out, "--num_samples", "3000", "--time_steps", "50")
+    reader = StderrReader(proc)
+    reader.wait_for("sampling 3000 images")
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    acknowledged = reader.wait_for("SIGINT: stopping after this milestone's samples (its checkpoint is already saved)")
+    assert acknowledged - sent < 2.0
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode == 130
+    last = reader.text.strip().splitlines()[-1]
+    step = load_checkpoint(out / "model-latest.pt")["step"]
+    assert last == (f"interrupted at step {step}; {out / 'model-latest.pt'} holds step {step}. "
+                    f"Resume with: python main.py --load_path {out}")
+
+
+def killed_mid_write(name, nth, args):
+    """Run main.py with args, SIGKILLed halfway through the nth write of the file `name`."""
+    proc = subprocess.run([sys.executable, "tests/kill_mid_write.py", name, str(nth), "--", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+def temporaries(*folders):
+    return [p for folder in folders if folder.exists() for p in folder.rglob(".*.tmp*")]
+
+
+@pytest.mark.parametrize("name,nth,rows", [
+    ("model-2.pt", 1, 2),       # the numbered checkpoint of step 2: model-latest.pt still holds step 1
+    ("model-latest.pt", 2, 2),  # model-latest.pt at step 2: its step-1 version stays
+    ("metrics.csv", 3, 1),      # metrics.csv (written at the start, step 1, step 2): step 1's version stays
+])
+def test_a_kill_in_the_middle_of_a_write_leaves_the_previous_version(image_root, tmp_path, name, nth, rows):
+    out = tmp_path / "run"
+    args = [*TINY, "--data_path", image_root, "--save_folder", out, "--cache_dir", tmp_path / "c", "--train_steps", "3",
+            "--save_and_sample_every", "1", "--num_samples", "1", "--wandb", "disabled"]
+    killed_mid_write(name, nth, args)
+    half = temporaries(out)
+    assert [p.name.split(".tmp")[0] for p in half] == [f".{name}"]  # the kill landed inside that write
+    assert load_checkpoint(out / "model-latest.pt")["step"] == 1
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, rows + 1))  # rows past step 1 go at resume
+    if name == "model-2.pt":
+        assert not (out / "model-2.pt").exists()
+
+    resumed = subprocess.run([sys.executable, "main.py", "--load_path", str(out)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert temporaries(out) == []  # the next write of each file swept its stale temporary away
+    assert [load_checkpoint(out / f"model-{m}.pt")["step"] for m in (1, 2, 3, "latest")] == [1, 2, 3, 3]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_a_kill_while_caching_fid_statistics_leaves_no_half_cache(image_root, tmp_path, standin_file):
+    out, cache = tmp_path / "run", tmp_path / "c"
+    args = [*TINY, "--data_path", image_root, "--save_folder", out, "--cache_dir", cache, "--train_steps", "1",
+            "--fid", "--fid_num_samples", "4", "--inception_path", standin_file, "--wandb", "disabled"]
+    killed_mid_write("fid-real-", 1, args)
+    assert len(temporaries(cache)) == 1 and not list(cache.glob("fid-real-*.npz"))
+    again = subprocess.run([sys.executable, "main.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert temporaries(cache, out) == []
+    (stats,) = cache.glob("fid-real-*.npz")
+    with np.load(stats) as stored:
+        assert stored["mu"].shape == (2048,) and np.isfinite(stored["sigma"]).all()
 
 
 def run_main(args, capsys):

@@ -12,7 +12,7 @@ from hw2.errors import UserError
 from hw2.fid import FID, load_inception, locate_inception
 from hw2.runlog import read_metrics
 
-from conftest import make_images
+from conftest import make_images, write_standin
 from test_cli import TINY
 
 
@@ -59,10 +59,42 @@ def test_real_statistics_are_computed_once(real_folder, tmp_path):
     assert sum(calls) == 40 and not np.array_equal(other.real_sigma, first.real_sigma)
 
 
-def test_the_torchscript_loading_path(standin_file, real_folder, tmp_path):
-    features = load_inception(standin_file, "cpu")
-    out = features(torch.full((2, 3, 299, 299), 128.0))
-    assert out.shape == (2, 12) and torch.allclose(out, torch.zeros_like(out))
+def test_features_equal_clean_fids_own_path(real_folder, tmp_path):
+    """The oracle is clean-fid itself: its InceptionV3W loads the same weights file and its
+    get_folder_features reads the same images; the real side is the training images brought
+    to the model's size by torchvision's own Resize + CenterCrop (the homework's pipeline)."""
+    import torchvision.transforms as T
+    from cleanfid import fid as cleanfid
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    weights = write_standin(tmp_path / "weights" / fidmod.INCEPTION_FILE)
+    theirs = InceptionV3W(str(weights.parent), download=False).eval()
+    files = find_images(real_folder.parent, "cat")[:12]
+    ours = FID(load_inception(weights, "cpu"), files, 16, tmp_path / "cache", "cpu")
+
+    def their_features(folder):
+        return cleanfid.get_folder_features(str(folder), model=theirs, num_workers=0, batch_size=8, device="cpu",
+                                            mode="clean", verbose=False)
+
+    generated = write_generated(files[:6], tmp_path / "generated", 16, noise=30)
+    assert np.allclose(ours.features(sorted(str(p) for p in generated.iterdir())), their_features(generated), atol=1e-5)
+
+    prepared = tmp_path / "real-as-trained"
+    prepared.mkdir()
+    for i, f in enumerate(files):
+        T.CenterCrop(16)(T.Resize(16)(Image.open(f).convert("RGB"))).save(prepared / f"{i:05d}.png")
+    assert np.allclose(ours.real_features(), their_features(prepared), atol=1e-5)
+
+
+def test_the_standin_sees_pixel_scale_and_resolution(real_folder, tmp_path):
+    features = load_inception(write_standin(tmp_path / "standin.pt"), "cpu")
+    x = torch.from_numpy(np.array(Image.open(next(real_folder.iterdir())).convert("RGB").resize((299, 299))))
+    x = x.permute(2, 0, 1)[None].float()
+    blurred = F.interpolate(F.interpolate(x, size=16, mode="bilinear", antialias=True), size=299, mode="bicubic")
+    base = features(x)
+    assert base.shape == (1, 2048)
+    assert (features(x * 255 / 256 * 0.5) - base).abs().max() > 0.05  # the pixels' scale
+    assert (features(blurred) - base).abs().max() > 0.05  # the resolution the image had
 
 
 def test_a_truncated_weights_file_is_detected(standin_file):
@@ -119,6 +151,13 @@ def test_frechet_distance_matches_clean_fid_and_closed_form():
     a, b = rng.normal(size=(200, 6)), rng.normal(0.5, 2.0, size=(300, 6))
     (mu1, s1), (mu2, s2) = fidmod._stats(a), fidmod._stats(b)
     assert fidmod.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(theirs(mu1, s1, mu2, s2), rel=1e-9)
+    # from features, with fewer samples than dimensions (the milestone's case: 512 of 2048): exact without sqrtm
+    mix = rng.normal(size=(64, 64))
+    for n in (40, 64, 200):
+        gen, real = rng.normal(size=(n, 64)) @ mix, rng.normal(0.3, 1.0, size=(150, 64)) @ mix
+        mu, sigma = fidmod._stats(real)
+        assert fidmod.fid_from_features(gen, mu, sigma) == pytest.approx(theirs(*fidmod._stats(gen), mu, sigma),
+                                                                          rel=1e-6)
     # diagonal covariances: sum (m1 - m2)^2 + (sqrt(v1) - sqrt(v2))^2
     m1, m2, v1, v2 = np.zeros(3), np.ones(3), np.full(3, 4.0), np.ones(3)
     assert fidmod.frechet_distance(m1, np.diag(v1), m2, np.diag(v2)) == pytest.approx(3 + 3 * 1.0)

@@ -1,4 +1,6 @@
 """Mixed precision: the choice of dtype, and float32 where the math needs it."""
+import math
+
 import pytest
 import torch
 
@@ -26,6 +28,75 @@ def test_auto_is_float32_on_mps():
     assert amp_dtype("auto", "mps") is None
 
 
+def cpu_flags():
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    lines = [line for line in text.splitlines() if line.startswith("flags")]
+    return set(lines[0].split(":", 1)[1].split()) if lines else None
+
+
+def test_native_bf16_detection_on_this_machine():
+    """No mock: the probe must agree with the CPU's own flags and with how fast bf16 really is here."""
+    import statistics
+    import time
+
+    flags = cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    native = bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert precision.cpu_has_native_bf16() is native
+
+    a = torch.randn(1024, 1024)
+
+    def median_time(x):
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    fp32, bf16 = median_time(a), median_time(a.bfloat16())
+    assert (bf16 < fp32) is native, (fp32, bf16)
+
+
+class FakeGPU:
+    """torch's device queries answered as a GPU of the given compute capability answers them:
+    every one of them can create bfloat16 tensors, so is_bf16_supported() says True."""
+
+    def __init__(self, monkeypatch, capability):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+        monkeypatch.setattr(torch.version, "hip", None)
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                                 ((8, 6), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_on_cuda_picks_bf16_only_where_it_is_native(monkeypatch, capability, expected):
+    FakeGPU(monkeypatch, capability)
+    assert amp_dtype("auto", "cuda") is expected
+    why = precision.describe_precision("auto", "cuda", expected)
+    major, minor = capability
+    if expected is torch.float16:
+        assert why == f"fp16 autocast with loss scaling: this GPU (compute capability {major}.{minor}) has no native bf16"
+    else:
+        assert why == f"bf16 autocast: this GPU (compute capability {major}.{minor}) has native bf16"
+
+
+def test_bf16_asked_for_on_a_t4_is_allowed_with_one_warning(monkeypatch, capsys):
+    FakeGPU(monkeypatch, (7, 5))
+    monkeypatch.setattr(precision, "_warned", set())
+    assert amp_dtype("bf16", "cuda") is torch.bfloat16
+    assert amp_dtype("bf16", "cuda") is torch.bfloat16
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["note: --amp bf16 on a GPU of compute capability 7.5: bfloat16 is emulated there and slow; "
+                   "--amp fp16 (or auto) uses its float16 tensor cores"]
+    assert amp_dtype("fp16", "cuda") is torch.float16
+
+
 def test_under_bf16_the_model_runs_in_bf16_and_the_loss_in_float32():
     torch.manual_seed(0)
     d = Diffusion(Unet(8, dim_mults=(1, 2)), image_size=16, timesteps=10)
@@ -40,3 +111,22 @@ def test_under_bf16_the_model_runs_in_bf16_and_the_loss_in_float32():
     assert samples.dtype == torch.float32 and 0 <= samples.min() and samples.max() <= 1
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in d.model.parameters())
+
+
+def test_float16_steps_with_overflowing_gradients_are_skipped_not_applied(tiny_config):
+    """The fp16 path (GradScaler with the fused Adam) as a T4 runs it, exercised on the CPU."""
+    from trainer import Trainer
+
+    torch.manual_seed(0)
+    d = Diffusion(Unet(8, dim_mults=(1, 2)), image_size=16, timesteps=10)
+    trainer = Trainer(d, tiny_config, torch.randint(0, 255, (8, 3, 17, 17), dtype=torch.uint8),
+                      amp_dtype=torch.float16)
+    assert trainer.scaler.is_enabled() and trainer.opt.defaults.get("fused")
+    weight = d.model.init_conv.weight
+    hook = weight.register_hook(lambda grad: grad * float("inf"))
+    before, scale = weight.detach().clone(), trainer.scaler.get_scale()
+    assert math.isfinite(trainer.train_step())
+    assert torch.equal(weight, before) and trainer.scaler.get_scale() == scale / 2  # skipped, scale lowered
+    hook.remove()
+    trainer.train_step()
+    assert not torch.equal(weight, before) and torch.isfinite(weight).all()
