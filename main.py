@@ -30,7 +30,7 @@ from hw2.images import save_grid, save_images
 from hw2.precision import amp_dtype, describe_precision, use_fast_float32
 from hw2.runfolder import RunFolder, resolve_checkpoint
 from hw2.runlog import RunLog
-from hw2.sampling import generate
+from hw2.sampling import generate, images_per_pass
 from hw2.visualize import visualize
 from trainer import Trainer
 from unet import Unet
@@ -156,7 +156,8 @@ def print_config(config, taken, source, device, dtype, procs):
     for name, value in config.to_dict().items():
         print(f"  {name}: {value}" + ("  *" if name in taken else ""))
     processes = f", {procs.world} processes" if procs.distributed else ""
-    print(f"  (running on {device}, {describe_precision(config.amp, device, dtype)}{processes})")
+    print(f"  (running on {device}, {describe_precision(config.amp, device, dtype)}{processes}; "
+          f"sampling {images_per_pass(device, dtype)} images per pass)")
 
 
 def run(config, given=(), procs=None, procs_device=None):

@@ -1,30 +1,27 @@
 """This project against denoising-diffusion-pytorch, side by side, in one run.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/bench.py                    # the homework configuration, on the best device
-    python benchmarks/bench.py --quick            # fewer repetitions and images, for a first look
+    python benchmarks/bench.py --quick     # every row, fewer repetitions (about 8 minutes on 2 CPU cores)
+    python benchmarks/bench.py             # the same rows with more repetitions, steps and images
 
-Both sides train the homework configuration (32 px, batch 32, unet_dim 16, mults 1 2 4 8,
-T = 50, cosine schedule, Adam 1e-3, 2 gradient accumulation steps; their loss is MSE, ours
-the homework's L1, which costs the same). The
-measurements alternate between the two sides within each repetition, and the table reports
-medians. What is measured:
+Both sides train the homework configuration (32 px, batch 32 x 2 accumulation steps, dim 16,
+mults 1 2 4 8, T = 50, cosine schedule, Adam 1e-3; their loss is MSE, ours the homework's
+L1, which costs the same). Measurements alternate between the sides within each
+repetition; the table reports medians. Rows in equal precision (float32 against float32,
+bf16 autocast against bf16 autocast) stand beside the default-against-default rows: our
+default is what --amp auto picks here, theirs is their Trainer's default (float32).
 
-1. model-only training step (random tensors, one forward/backward of a batch + Adam);
-2. end-to-end training throughput from a folder of 512 px JPEGs, data loading included
-   (ours: the trainer with its decode-once cache, whose one-time build is reported apart;
-   theirs: their Trainer, which decodes and resizes every image at every step);
-3. sampling time for --samples images at T = 50;
-4. FID evaluation per milestone: featurizing the generated images only (our cached real
-   side) against featurizing both sides (the homework trainer's way). Inception's weights
-   cannot be downloaded here, so an Inception v3 of the same architecture with random
-   weights stands in: the time is the same, the score is meaningless and not reported;
-5. peak memory of a training process of each side (on the CPU, the growth of the resident
-   set while training, after imports and model construction; on CUDA, max allocated).
-
-It also prints parameter counts, FLOPs per training step (torch's FLOP counter), the
-achieved GFLOP/s, and the machine's float32 matrix-multiply rate for scale, plus what
-each of our levers (fused Adam, channels-last) buys on the model-only step.
+1. model-only training step (random tensors: forward and backward of 2 x 32 images, Adam);
+2. end-to-end training from a folder of 512 px JPEGs, data loading included, each side as
+   its user runs it (ours: the Trainer with its decode-once cache, whose one-time build is
+   reported apart; theirs: their Trainer, which decodes every image at every step);
+3. sampling 32 images over the 50 steps (ours as the tool samples: hw2.sampling.generate);
+4. the homework's recommended run (10,000 steps, a grid of 64 samples every 1,000 and at
+   the end), projected from rows 2 and 3;
+5. learning: both sides trained the same number of steps on the same images, then the L1
+   and MSE of their noise predictions on held-out images, at fixed t and noise;
+6. FID features per milestone (an Inception v3 of the same cost with random weights: the
+   real weights cannot be downloaded here) and peak memory while training.
 """
 import argparse
 import json
@@ -43,14 +40,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffusion import Diffusion  # noqa: E402
+from diffusion import Diffusion, normalize  # noqa: E402
 from hw2.config import Config  # noqa: E402
-from hw2.data import training_data  # noqa: E402
+from hw2.data import decode, resized_side, training_data  # noqa: E402
 from hw2.precision import amp_dtype, autocast  # noqa: E402
+from hw2.sampling import generate  # noqa: E402
 from trainer import Trainer, make_adam  # noqa: E402
 from unet import Unet  # noqa: E402
 
 SIZE, BATCH, DIM, MULTS, T, LR, ACCUMULATE = 32, 32, 16, (1, 2, 4, 8), 50, 1e-3, 2
+HOMEWORK_STEPS, HOMEWORK_MILESTONES, GRID = 10_000, 11, 64  # 10 milestones and the final grid
+HELDOUT_SOURCES = 8  # source images kept out of the training folder, for row 5
+TARGETS = {"e2e": 3.0, "train float32": 1.5, "train bf16": 1.5, "sample float32": 2.5, "sample bf16": 2.5}
 
 
 # the two sides
@@ -66,8 +67,6 @@ def theirs():
     from denoising_diffusion_pytorch import GaussianDiffusion
     from denoising_diffusion_pytorch import Unet as TheirUnet
 
-    # Their defaults otherwise; they train with an MSE loss, ours with the homework's L1:
-    # the same work for the clock.
     return GaussianDiffusion(TheirUnet(DIM, dim_mults=MULTS), image_size=SIZE, timesteps=T, sampling_timesteps=T,
                              objective="pred_noise", beta_schedule="cosine")
 
@@ -129,20 +128,24 @@ def matmul_gflops(device, n=2048, reps=5):
     return 2 * n**3 / best / 1e9
 
 
-def build_jpeg_folder(source, folder, count, seed=0):
-    """count 512 px JPEGs made from the images in source by flips, crops and rotations."""
+def source_images(source):
+    files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if len(files) <= HELDOUT_SOURCES:
+        raise SystemExit(f"too few images in {source} to build the benchmark folder from (use --source)")
+    return files[HELDOUT_SOURCES:], files[:HELDOUT_SOURCES]  # (training sources, held-out sources)
+
+
+def build_jpeg_folder(sources, folder, count, seed=0):
+    """count 512 px JPEGs made from the source images by flips, crops and rotations."""
     from PIL import Image, ImageOps
 
     folder = Path(folder) / "cat"
     if folder.is_dir() and len(list(folder.glob("*.jpg"))) >= count:
         return folder.parent
     folder.mkdir(parents=True, exist_ok=True)
-    files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if not files:
-        raise SystemExit(f"no images in {source} to build the benchmark folder from (use --source)")
     rng = random.Random(seed)
     for i in range(count):
-        img = Image.open(rng.choice(files)).convert("RGB")
+        img = Image.open(rng.choice(sources)).convert("RGB")
         if rng.random() < 0.5:
             img = ImageOps.mirror(img)
         w, h = img.size
@@ -159,6 +162,10 @@ def default_dtype(device):
     return amp_dtype("auto", device)
 
 
+def label(dtype):
+    return "float32" if dtype is None else "bf16"
+
+
 # the measurements
 
 def model_only(device, reps):
@@ -167,14 +174,14 @@ def model_only(device, reps):
     a, b = ours().to(device), theirs().to(device)
     params = (sum(p.numel() for p in a.model.parameters()), sum(p.numel() for p in b.model.parameters()))
     flops = (flops_per_step(a, x), flops_per_step(b, x))
-    dtype = default_dtype(device)
-    fns = {
-        "ours": train_step_fn(a, device, x, dtype=dtype),
-        "theirs": train_step_fn(b, device, x),
-        "ours, float32": train_step_fn(ours().to(device), device, x),
-        "ours, float32, plain Adam": train_step_fn(ours().to(device), device, x, fused=False),
-        "ours, channels-last": train_step_fn(ours(channels_last=True).to(device), device, x, dtype=dtype),
-    }
+    fns = {}
+    for dtype in (None, torch.bfloat16):
+        fns[f"ours {label(dtype)}"] = train_step_fn(ours().to(device), device, x, dtype=dtype)
+        fns[f"theirs {label(dtype)}"] = train_step_fn(theirs().to(device), device, x, dtype=dtype)
+    fns["ours float32, plain Adam"] = train_step_fn(ours().to(device), device, x, fused=False)
+    fns["ours default, channels-last"] = train_step_fn(ours(channels_last=True).to(device), device,
+                                                       x.contiguous(memory_format=torch.channels_last),
+                                                       dtype=default_dtype(device))
     return params, flops, interleaved(fns, reps, device)
 
 
@@ -186,12 +193,7 @@ def end_to_end(device, folder, steps, reps, workdir):
     cold = time.perf_counter() - start
     torch.manual_seed(0)
     trainer = Trainer(ours().to(device), cfg, images, amp_dtype=default_dtype(device))
-
-    from denoising_diffusion_pytorch import Trainer as TheirTrainer
-
-    their_trainer = TheirTrainer(theirs(), str(folder / "cat"), train_batch_size=BATCH, train_lr=LR, train_num_steps=0,
-                                 gradient_accumulate_every=ACCUMULATE, save_and_sample_every=10**9, calculate_fid=False,
-                                 amp=False, results_folder=str(workdir / "t"))
+    their_trainer = their_trainer_for(folder, workdir / "t")
 
     def run_ours():
         for _ in range(steps):
@@ -202,22 +204,69 @@ def end_to_end(device, folder, steps, reps, workdir):
         their_trainer.train()
 
     medians = interleaved({"ours": run_ours, "theirs": run_theirs}, reps, device)
-    return cold, {k: steps / v for k, v in medians.items()}
+    return cold, {k: v / steps for k, v in medians.items()}, (trainer, their_trainer)
+
+
+def their_trainer_for(folder, results):
+    from denoising_diffusion_pytorch import Trainer as TheirTrainer
+
+    torch.manual_seed(0)
+    return TheirTrainer(theirs(), str(Path(folder) / "cat"), train_batch_size=BATCH, train_lr=LR, train_num_steps=0,
+                        gradient_accumulate_every=ACCUMULATE, save_and_sample_every=10**9, calculate_fid=False,
+                        amp=False, results_folder=str(results))
 
 
 def sampling(device, count, reps):
+    """{(side, precision): median seconds} to draw count images over the T steps."""
     torch.manual_seed(0)
     a, b = ours().to(device).eval(), theirs().to(device).eval()
+    fns = {}
+    for dtype in (None, torch.bfloat16):
+        fns["ours", label(dtype)] = lambda dtype=dtype: generate(a, count, seed=0, amp_dtype=dtype)
 
-    def run_ours():
-        with autocast(device, default_dtype(device)):
-            a.sample(count)
+        def run_theirs(dtype=dtype):
+            with torch.inference_mode(), autocast(device, dtype):
+                b.sample(batch_size=count)
 
-    def run_theirs():
-        with torch.inference_mode():
-            b.sample(batch_size=count)
+        fns["theirs", label(dtype)] = run_theirs
+    return interleaved(fns, reps, device, warmup=0)
 
-    return interleaved({"ours": run_ours, "theirs": run_theirs}, reps, device, warmup=0)
+
+def heldout_images(sources):
+    """The held-out source images as the models see them: (N, 3, S, S) in [-1, 1]."""
+    side = resized_side(SIZE)
+    arrays = [decode(f, side) for f in sources]
+    x = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in arrays]).float() / 255
+    y = (side - SIZE) // 2
+    return normalize(x[:, :, y:y + SIZE, y:y + SIZE])
+
+
+@torch.inference_mode()
+def noise_prediction_error(diffusion, x_0, draws=16, seed=0):
+    """(L1, MSE) of diffusion.model's noise prediction on x_0 at fixed t and noise, in float32."""
+    g = torch.Generator().manual_seed(seed)
+    x = x_0.repeat(draws, 1, 1, 1)
+    t = torch.randint(0, T, (x.shape[0],), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    was = diffusion.training
+    diffusion.eval()
+    device = next(diffusion.parameters()).device
+    x_t = diffusion.q_sample(x.to(device), t.to(device), noise=noise.to(device))
+    predicted = diffusion.model(x_t, t.to(device)).float().cpu()
+    diffusion.train(was)
+    return (predicted - noise).abs().mean().item(), ((predicted - noise) ** 2).mean().item()
+
+
+def learning(device, trainers, steps, sources):
+    """Train both sides on, up to `steps` steps in all, then their held-out errors."""
+    trainer, their_trainer = trainers
+    while trainer.step < steps:
+        trainer.train_step()
+    their_trainer.train_num_steps = steps
+    their_trainer.train()
+    x_0 = heldout_images(sources)
+    return {"ours": noise_prediction_error(trainer.diffusion, x_0),
+            "theirs": noise_prediction_error(their_trainer.model, x_0)}, trainer.step
 
 
 def fid_times(device, count, real_folder, reps, workdir):
@@ -290,9 +339,12 @@ def peak_memory(device, side):
 
 # the report
 
-def row(name, a, b, unit, better="lower"):
-    ratio = (b / a) if better == "lower" else (a / b)
-    return f"| {name} | {a:.4g} {unit} | {b:.4g} {unit} | {ratio:.2f}x |"
+def row(name, a, b, unit, target=None, note=""):
+    """A table row for a lower-is-better quantity; the ratio is how many times ours is better."""
+    ratio = b / a
+    if target is not None:
+        note = f"{target:.1f}x {'met' if ratio >= target else 'NOT MET'}"
+    return f"| {name} | {a:.4g} {unit} | {b:.4g} {unit} | {ratio:.2f}x | {note} |"
 
 
 def main():
@@ -301,65 +353,97 @@ def main():
     parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement (medians are reported)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per end-to-end repetition")
     parser.add_argument("--images", type=int, default=2000, help="512 px JPEGs in the end-to-end folder")
-    parser.add_argument("--samples", type=int, default=512, help="images per sampling measurement")
+    parser.add_argument("--samples", type=int, default=32, help="images per sampling measurement")
+    parser.add_argument("--learn_steps", type=int, default=300, help="training steps before the held-out errors")
+    parser.add_argument("--fid_samples", type=int, default=512, help="generated images per FID measurement")
     parser.add_argument("--source", default=str(ROOT.parent / "shared" / "afhq_sample"), help="images to build the folder from")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ddpm-bench"))
-    parser.add_argument("--quick", action="store_true", help="3 repetitions, 500 images, 64 samples")
+    parser.add_argument("--quick", action="store_true", help="3 repetitions, 500 images, 100 learning steps")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     if args.quick:
-        args.reps, args.images, args.samples = 3, 500, 64
+        args.reps, args.steps, args.images, args.learn_steps, args.fid_samples = 3, 5, 500, 100, 128
     device = torch.device(args.device)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     from importlib.metadata import version
 
+    default = default_dtype(device)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"torch threads {torch.get_num_threads()}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    print(f"denoising-diffusion-pytorch {version('denoising-diffusion-pytorch')}; our default precision on this "
-          f"device: {default_dtype(device) or 'float32'}")
+    print(f"denoising-diffusion-pytorch {version('denoising-diffusion-pytorch')}; our default precision here: "
+          f"{label(default)}; theirs: float32", flush=True)
     results = {}
+    started = time.perf_counter()
 
     mm = matmul_gflops(device)
     (p_ours, p_theirs), (f_ours, f_theirs), steps = model_only(device, args.reps)
     results.update(matmul_gflops=mm, params=[p_ours, p_theirs], flops_per_step=[f_ours, f_theirs], model_step_s=steps)
-    print("model-only step done", flush=True)
+    print("model-only steps done", flush=True)
 
-    folder = build_jpeg_folder(args.source, workdir / "jpegs", args.images)
-    cold, throughput = end_to_end(device, folder, args.steps, args.reps, workdir)
-    results.update(cache_build_s=cold, steps_per_s=throughput)
+    training_sources, held_out = source_images(args.source)
+    folder = build_jpeg_folder(training_sources, workdir / "jpegs", args.images)
+    cold, step_s, trainers = end_to_end(device, folder, args.steps, args.reps, workdir)
+    results.update(cache_build_s=cold, e2e_step_s=step_s)
     print("end-to-end done", flush=True)
 
-    sample_s = sampling(device, args.samples, max(1, args.reps // 2))
-    results["sampling_s"] = sample_s
+    sample_s = sampling(device, args.samples, args.reps)
+    results["sampling_s"] = {f"{side} {prec}": v for (side, prec), v in sample_s.items()}
+    grid_s = {side: sample_s[side, label(default if side == "ours" else None)] * GRID / args.samples
+              for side in ("ours", "theirs")}
+    projected = {side: (HOMEWORK_STEPS * step_s[side] + HOMEWORK_MILESTONES * grid_s[side]) / 3600
+                 for side in ("ours", "theirs")}
+    results["projected_homework_h"] = projected
     print("sampling done", flush=True)
 
-    fid_s, n_real = fid_times(device, args.samples, folder, max(1, args.reps // 2), workdir)
+    errors, learned = learning(device, trainers, args.learn_steps, held_out)
+    results.update(heldout_errors=errors, learn_steps=learned)
+    print("learning done", flush=True)
+
+    fid_s, n_real = fid_times(device, args.fid_samples, folder, max(1, args.reps // 2), workdir)
     results.update(fid_s=fid_s, fid_real_images=n_real)
     mem = {side: peak_memory(device, side) for side in ("ours", "theirs")}
     results["peak_memory_bytes"] = mem
+    results["seconds"] = time.perf_counter() - started
 
     print()
-    print(f"| measurement | this project | denoising-diffusion-pytorch | ours vs theirs |")
-    print(f"| --- | --- | --- | --- |")
-    print(f"| parameters | {p_ours:,} | {p_theirs:,} | {p_ours / p_theirs:.3f} |")
-    print(f"| FLOPs per training step | {f_ours / 1e9:.2f} G | {f_theirs / 1e9:.2f} G | {f_ours / f_theirs:.3f} |")
-    print(row("model-only training step", steps["ours"], steps["theirs"], "s"))
-    print(f"| achieved (of {mm:.0f} GFLOP/s matmul) | {f_ours / steps['ours'] / 1e9:.1f} GFLOP/s | "
-          f"{f_theirs / steps['theirs'] / 1e9:.1f} GFLOP/s | |")
-    print(row(f"end-to-end training ({args.images} JPEGs)", throughput["ours"], throughput["theirs"], "steps/s", better="higher"))
-    print(f"| one-time decode cache build | {cold:.1f} s | none | |")
-    print(row(f"sampling {args.samples} images, T={T}", sample_s["ours"], sample_s["theirs"], "s"))
-    print(row(f"FID features per milestone ({args.samples} gen. + {n_real} real)", fid_s["ours"], fid_s["theirs"], "s"))
-    label = "peak memory allocated, training" if device.type == "cuda" else "peak RSS growth while training"
-    print(row(label, mem["ours"] / 2**20, mem["theirs"] / 2**20, "MiB"))
+    print("| measurement | this project | denoising-diffusion-pytorch | ours vs theirs | target |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| parameters | {p_ours:,} | {p_theirs:,} | {p_ours / p_theirs:.3f} | |")
+    print(f"| FLOPs per training step | {f_ours / 1e9:.2f} G | {f_theirs / 1e9:.2f} G | {f_ours / f_theirs:.3f} | |")
+    print(row(f"end to end, each as its user runs it ({label(default)} vs float32, {args.images} JPEGs)",
+              step_s["ours"], step_s["theirs"], "s/step", target=TARGETS["e2e"]))
+    print(f"| one-time decode cache build | {cold:.1f} s | none | | |")
+    print(row(f"model-only step, defaults ({label(default)} vs float32)", steps[f"ours {label(default)}"],
+              steps["theirs float32"], "s"))
+    for prec in ("float32", "bf16"):
+        print(row(f"model-only step, {prec} vs {prec}", steps[f"ours {prec}"], steps[f"theirs {prec}"], "s",
+                  target=TARGETS[f"train {prec}"]))
+    print(f"| achieved, defaults (of {mm:.0f} GFLOP/s fp32 matmul) | "
+          f"{f_ours / steps[f'ours {label(default)}'] / 1e9:.1f} GFLOP/s | "
+          f"{f_theirs / steps['theirs float32'] / 1e9:.1f} GFLOP/s | | |")
+    print(row(f"sampling {args.samples} images, T={T}, defaults ({label(default)} vs float32)",
+              sample_s["ours", label(default)], sample_s["theirs", "float32"], "s"))
+    for prec in ("float32", "bf16"):
+        print(row(f"sampling {args.samples} images, T={T}, {prec} vs {prec}", sample_s["ours", prec],
+                  sample_s["theirs", prec], "s", target=TARGETS[f"sample {prec}"]))
+    print(row(f"homework run projected ({HOMEWORK_STEPS:,} steps + {HOMEWORK_MILESTONES} grids of {GRID})",
+              projected["ours"], projected["theirs"], "h",
+              note=f"under 1.5 h {'met' if projected['ours'] < 1.5 else 'NOT MET'}"))
+    for k, metric in enumerate(("L1", "MSE")):
+        print(f"| held-out noise-prediction {metric} after {learned} steps | {errors['ours'][k]:.4f} | "
+              f"{errors['theirs'][k]:.4f} | | |")
+    print(row(f"FID features per milestone ({args.fid_samples} gen. + {n_real} real)", fid_s["ours"],
+              fid_s["theirs"], "s"))
+    mem_label = "peak memory allocated, training" if device.type == "cuda" else "peak RSS growth while training"
+    print(row(mem_label, mem["ours"] / 2**20, mem["theirs"] / 2**20, "MiB"))
     print()
-    print("our levers, model-only step (median s, speed-up over float32 with plain Adam):")
-    base = steps["ours, float32, plain Adam"]
-    for name in ("ours, float32, plain Adam", "ours, float32", "ours", "ours, channels-last"):
-        print(f"  {name:27s} {steps[name]:.4f}  {base / steps[name]:.2f}x")
-    print(f"  (fused Adam: 'float32' vs 'float32, plain Adam'; autocast: 'ours' vs 'float32'; 'ours' = our defaults)")
+    print("our levers, model-only step (median s, and speed-up over float32 with plain Adam):")
+    base = steps["ours float32, plain Adam"]
+    for name in ("ours float32, plain Adam", "ours float32", "ours bf16", "ours default, channels-last"):
+        print(f"  {name:29s} {steps[name]:.4f}  {base / steps[name]:.2f}x")
+    print(f"(benchmark took {results['seconds'] / 60:.1f} minutes)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

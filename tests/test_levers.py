@@ -1,0 +1,55 @@
+"""The speed levers change how the numbers are computed, never which numbers (benchmarks/ says how fast)."""
+import pytest
+import torch
+
+from diffusion import Diffusion
+from hw2.sampling import images_per_pass
+from unet import LinearAttention, Unet
+
+
+@pytest.mark.parametrize("channels,side", [(16, 32), (32, 16), (8, 8), (64, 4)])
+def test_the_folded_linear_attention_is_the_direct_one(channels, side):
+    torch.manual_seed(channels)
+    attention = LinearAttention(channels)
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.add_(torch.randn_like(p) * 0.2)  # a bias and gain away from their initial values
+    x = torch.randn(3, channels, side, side, requires_grad=True)
+    norm = attention.to_out[1]
+    direct, folded = norm(attention.direct(x)), norm(attention.folded(x))
+    assert torch.allclose(direct, folded, atol=1e-5), (direct - folded).abs().max()
+    grads = [torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(),
+                                 [x, *attention.parameters()]) for y in (direct, folded)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_fixed_weights_reuse_the_standardized_kernels_only_while_fixed():
+    torch.manual_seed(0)
+    model = Unet(8, dim_mults=(1, 2)).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 7])
+    with torch.no_grad():
+        plain = model(x, t)
+        with model.fixed_weights():
+            assert torch.allclose(model(x, t), plain, atol=1e-6)
+            assert torch.allclose(model(x, t), plain, atol=1e-6)  # the second pass reuses the kernels
+        for p in model.parameters():
+            p.mul_(1.1)
+        after = model(x, t)
+        with model.fixed_weights():
+            assert torch.allclose(model(x, t), after, atol=1e-6)  # nothing stale from the first time
+    assert not torch.allclose(after, plain)
+
+
+def test_sampling_through_fixed_weights_equals_plain_sampling(monkeypatch):
+    torch.manual_seed(0)
+    d = Diffusion(Unet(8, dim_mults=(1, 2)), image_size=8, timesteps=6)
+    fixed = d.sample(2, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(Diffusion, "fixed_weights", lambda self: __import__("contextlib").nullcontext())
+    plain = d.sample(2, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(fixed, plain, atol=1e-5)
+
+
+def test_images_per_pass_by_device_and_precision():
+    assert images_per_pass("cpu") == 16 and images_per_pass("cpu", torch.bfloat16) == 32
+    assert images_per_pass("cuda", torch.float16) == images_per_pass("cuda") == 256
