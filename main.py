@@ -114,7 +114,7 @@ def settle_config(config, given, ckpt, path):
         settled.check()
     except ValueError as e:
         raise UserError(f"with the settings of {path}: {e}") from None
-    return settled, [n for n in taken if getattr(settled, n) != getattr(config, n) or n in stored]
+    return settled, list(taken)
 
 
 def pick_device(name):
@@ -204,7 +204,7 @@ def run(config, given=(), procs=None, procs_device=None):
     if fresh and config.overwrite:
         folder.clear()
     if config.sample:
-        return sample(diffusion, ckpt, config, dtype, fid)
+        return sample(diffusion, ckpt, path, config, dtype, fid)
     world = procs.world if training else 1
     if procs.main:
         files, images = training_data(config, need=config.batch_size * world if training else 1, files=files)
@@ -240,12 +240,12 @@ def sampling_weights(diffusion, ckpt, path):
     return diffusion.with_model(ema)
 
 
-def sample(diffusion, ckpt, config, dtype, fid):
+def sample(diffusion, ckpt, path, config, dtype, fid):
     """--sample N: N images from the checkpoint into a folder of their own, plus a grid, and
     their FID against the training images with --fid."""
     step = int(ckpt.get("step", 0))
     images_folder, grid_path = RunFolder(config.save_folder).on_demand(step, config.seed)
-    sampler = sampling_weights(diffusion, ckpt, config.load_path)
+    sampler = sampling_weights(diffusion, ckpt, path)
     logger = RunLog(config, config.wandb)
     try:
         images = generate(sampler, config.sample, config.seed, dtype, progress=True)

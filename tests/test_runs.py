@@ -167,3 +167,18 @@ def test_the_final_grid_reuses_the_last_milestones_samples(image_root, tmp_path,
     assert (out / "sample-final.png").read_bytes() == (out / "sample-2.png").read_bytes()
     assert main.main([*base(image_root, tmp_path, "other"), "--train_steps", "3", "--save_and_sample_every", "2"]) == 0
     assert calls == [4, 4, 4, 4]  # step 3 is no milestone: the final grid is drawn
+
+
+def test_a_resume_from_an_earlier_checkpoint_drops_the_lost_runs_metrics(image_root, tmp_path):
+    """metrics.csv may be ahead of the checkpoint a run resumes from (the run died between a
+    flush and the next checkpoint): those rows belong to a lost run and are replaced."""
+    import shutil
+
+    out = tmp_path / "run"
+    assert main.main([*base(image_root, tmp_path), "--train_steps", "4", "--save_and_sample_every", "2"]) == 0
+    lost = read_metrics(out)
+    shutil.copyfile(out / "model-1.pt", out / "model-latest.pt")  # as if steps 3 and 4 were never saved
+    assert main.main(["--load_path", str(out), "--learning_rate", "0.01"]) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[:2] == lost[:2] and rows[3]["loss"] != lost[3]["loss"]  # step 4 comes from the new run
