@@ -208,6 +208,8 @@ class Trainer:
         self.elapsed_before = float(ckpt.get("elapsed", 0.0))
         self.started = time.monotonic()
         self.opt.load_state_dict(ckpt["optimizer"])
+        for group in self.opt.param_groups:  # the saved state carries the old rate; the flag wins
+            group["lr"] = self.config.learning_rate
         if self.ema:  # a checkpoint without an average starts it from the loaded weights
             self.ema.load_state_dict(ckpt.get("ema") or self.model.state_dict())
         if ckpt.get("scaler") and self.scaler.is_enabled():

@@ -169,9 +169,10 @@ def test_the_final_grid_reuses_the_last_milestones_samples(image_root, tmp_path,
     assert calls == [4, 4, 4, 4]  # step 3 is no milestone: the final grid is drawn
 
 
-def test_a_resume_from_an_earlier_checkpoint_drops_the_lost_runs_metrics(image_root, tmp_path):
+def test_a_resume_from_an_earlier_checkpoint_drops_the_lost_runs_metrics_and_takes_a_new_rate(image_root, tmp_path):
     """metrics.csv may be ahead of the checkpoint a run resumes from (the run died between a
-    flush and the next checkpoint): those rows belong to a lost run and are replaced."""
+    flush and the next checkpoint): those rows belong to a lost run and are replaced. A
+    --learning_rate given at the resume is used, not the rate in the saved optimizer state."""
     import shutil
 
     out = tmp_path / "run"
@@ -181,4 +182,7 @@ def test_a_resume_from_an_earlier_checkpoint_drops_the_lost_runs_metrics(image_r
     assert main.main(["--load_path", str(out), "--learning_rate", "0.01"]) == 0
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert rows[:2] == lost[:2] and rows[3]["loss"] != lost[3]["loss"]  # step 4 comes from the new run
+    assert [r["loss"] for r in rows[:2]] == [r["loss"] for r in lost[:2]]  # kept as written
+    assert rows[3]["loss"] != lost[3]["loss"]  # step 4 comes from the new run, at the new rate
+    saved = load_checkpoint(out / "model-latest.pt")
+    assert {g["lr"] for g in saved["optimizer"]["param_groups"]} == {0.01}  # the flag beat the saved state
