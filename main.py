@@ -288,10 +288,11 @@ def summary(trainer, logger):
 
 def main(argv=None):
     config, given = parse_config(argv)
-    procs = Processes()
+    procs, finished = Processes(), False
     try:
         procs, procs_device = distributed.start(config.device)
         run(config, given, procs, procs_device)
+        finished = True
     except UserError as e:
         report(procs, f"error: {e}")
         return 1
@@ -307,7 +308,7 @@ def main(argv=None):
         report(procs, "\ninterrupted before training started; nothing was saved")
         return 130
     finally:
-        distributed.stop()
+        distributed.stop(finished)
     return 0
 
 

@@ -89,6 +89,11 @@ def start(device_choice):
     return Processes(rank, world, local_rank), device
 
 
-def stop():
+def stop(finished):
+    """Leave the process group. After a run that finished, every process first waits for the
+    others: a process that tears down its connections while a peer is still completing the
+    last collective can abort inside gloo. After a failure, no waiting (a peer may be gone)."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
