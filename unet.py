@@ -193,7 +193,7 @@ class LinearAttention(nn.Module):
         w_q, w_k, w_v = self.to_qkv.weight.view(3, hidden, c)
         x = x.flatten(2)  # (B, C, N)
         x_t = x.transpose(1, 2)  # (B, N, C)
-        q = torch.matmul(x_t, w_q.t()).view(b, n, heads, d).softmax(dim=-1)  # (B, N, heads, d)
+        q = torch.bmm(x_t, w_q.t().expand(b, -1, -1)).view(b, n, heads, d).softmax(dim=-1)  # (B, N, heads, d)
         k = torch.bmm(w_k.expand(b, -1, -1), x).softmax(dim=-1)  # (B, hidden, N): straight into this layout
         kx = torch.bmm(k, x_t)  # (B, hidden, C)
         context = torch.matmul(kx.view(b, heads, d, c), w_v.view(heads, d, c).transpose(1, 2))  # (B, heads, d, e)
