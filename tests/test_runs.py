@@ -1,5 +1,6 @@
 """A run folder's life as a user lives it: never clobbered, resumed, visualized and sampled
 from the checkpoint alone, and nothing left behind by a start that fails."""
+import shutil
 import subprocess
 import sys
 
@@ -173,8 +174,6 @@ def test_a_resume_from_an_earlier_checkpoint_drops_the_lost_runs_metrics_and_tak
     """metrics.csv may be ahead of the checkpoint a run resumes from (the run died between a
     flush and the next checkpoint): those rows belong to a lost run and are replaced. A
     --learning_rate given at the resume is used, not the rate in the saved optimizer state."""
-    import shutil
-
     out = tmp_path / "run"
     assert main.main([*base(image_root, tmp_path), "--train_steps", "4", "--save_and_sample_every", "2"]) == 0
     lost = read_metrics(out)
