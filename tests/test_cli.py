@@ -1,6 +1,7 @@
 """The command line: flags, a real training run and every file it writes, resume, bad input."""
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -33,8 +34,6 @@ def test_defaults_are_the_homework_command():
 
 
 def test_the_readme_documents_exactly_the_flags_there_are():
-    import re
-
     documented = re.findall(r"^\| `--(\w+)` \|", (ROOT / "README.md").read_text(), flags=re.MULTILINE)
     assert len(documented) == len(set(documented))
     assert set(documented) == {f.name for f in dataclasses.fields(Config)}

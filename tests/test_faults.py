@@ -3,6 +3,7 @@ import errno
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -51,8 +52,6 @@ class StderrReader:
     """Collects a process's stderr as it comes (progress bars write without newlines)."""
 
     def __init__(self, proc):
-        import threading
-
         self.text = ""
         self.proc = proc
         threading.Thread(target=self._read, daemon=True).start()

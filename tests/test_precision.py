@@ -1,5 +1,7 @@
 """Mixed precision: the choice of dtype, and float32 where the math needs it."""
 import math
+import statistics
+import time
 
 import pytest
 import torch
@@ -39,9 +41,6 @@ def cpu_flags():
 
 def test_native_bf16_detection_on_this_machine():
     """No mock: the probe must agree with the CPU's own flags and with how fast bf16 really is here."""
-    import statistics
-    import time
-
     flags = cpu_flags()
     if flags is None:
         pytest.skip("no /proc/cpuinfo flags to compare with")

@@ -1,5 +1,6 @@
 """A run folder's life as a user lives it: never clobbered, resumed, visualized and sampled
 from the checkpoint alone, and nothing left behind by a start that fails."""
+import os
 import shutil
 import subprocess
 import sys
@@ -139,8 +140,6 @@ def test_flags_are_never_matched_by_prefix_and_typos_get_a_suggestion(typed, sug
 
 
 def test_the_run_ends_with_a_summary_and_wandb_goes_where_wandb_dir_says(image_root, tmp_path):
-    import os
-
     elsewhere = tmp_path / "wandb-files"
     env = {**os.environ, "WANDB_DIR": str(elsewhere), "WANDB_MODE": "offline"}
     args = [*base(image_root, tmp_path)[:-4], "--save_folder", tmp_path / "run", "--train_steps", "2",
