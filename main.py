@@ -27,6 +27,7 @@ from hw2.distributed import Processes
 from hw2.errors import Interrupted, UserError
 from hw2.files import write_atomic
 from hw2.images import save_grid, save_images
+from hw2.memory import keep_freed_memory
 from hw2.precision import amp_dtype, describe_precision, use_fast_float32
 from hw2.runfolder import RunFolder, resolve_checkpoint
 from hw2.runlog import RunLog
@@ -151,13 +152,14 @@ def check_writable(folder):
         raise UserError(f"cannot write to --save_folder {folder} (no permission in {existing}); choose another folder")
 
 
-def print_config(config, taken, source, device, dtype, procs):
+def print_config(config, taken, source, device, dtype, procs, memory=None):
     print("config:" + (f" (marked *: from {source})" if taken else ""))
     for name, value in config.to_dict().items():
         print(f"  {name}: {value}" + ("  *" if name in taken else ""))
     processes = f", {procs.world} processes" if procs.distributed else ""
     print(f"  (running on {device}, {describe_precision(config.amp, device, dtype)}{processes}; "
-          f"sampling {images_per_pass(device, dtype)} images per pass)")
+          f"sampling {images_per_pass(device, config.image_size, dtype)} images per pass"
+          f"{'; ' + memory if memory else ''})")
 
 
 def run(config, given=(), procs=None, procs_device=None):
@@ -172,8 +174,9 @@ def run(config, given=(), procs=None, procs_device=None):
     device = procs_device or pick_device(config.device)
     dtype = amp_dtype(config.amp, device)
     use_fast_float32(device)
+    memory = keep_freed_memory() if device.type == "cpu" else None
     if procs.main:
-        print_config(config, taken or [], path, device, dtype, procs)
+        print_config(config, taken or [], path, device, dtype, procs, memory)
     training = not (config.visualize or config.sample)
     if (config.visualize or config.sample) and not procs.main:
         return None  # rank 0 draws by itself

@@ -1,9 +1,15 @@
 """The speed levers change how the numbers are computed, never which numbers (benchmarks/ says how fast)."""
 import contextlib
+import ctypes
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import ROOT
 from diffusion import Diffusion
 from hw2.sampling import images_per_pass
 from unet import LinearAttention, Unet
@@ -52,6 +58,45 @@ def test_sampling_through_fixed_weights_equals_plain_sampling(monkeypatch):
     assert torch.allclose(fixed, plain, atol=1e-5)
 
 
-def test_images_per_pass_by_device_and_precision():
-    assert images_per_pass("cpu") == 16 and images_per_pass("cpu", torch.bfloat16) == 32
-    assert images_per_pass("cuda", torch.float16) == images_per_pass("cuda") == 256
+def test_images_per_pass_by_device_precision_and_size():
+    assert images_per_pass("cpu", 32) == 32 and images_per_pass("cpu", 32, torch.bfloat16) == 64
+    assert images_per_pass("cpu", 64) == 8 and images_per_pass("cpu", 256) == 1
+    assert images_per_pass("cuda", 32, torch.float16) == images_per_pass("cuda", 64) == 256
+
+
+
+A_BLOCK_OF_A_STEP = """
+import ctypes, sys, torch
+from hw2.memory import keep_freed_memory
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo = ctypes.CDLL(None).mallinfo2
+mallinfo.restype = Mallinfo2
+print(keep_freed_memory() if sys.argv[1] == "keep" else None)
+mapped = mallinfo().hblkhd
+block = torch.ones(6 << 20)  # 24 MiB, the size of the top attention's temporaries in a training step
+print((mallinfo().hblkhd - mapped) >> 20)  # MiB mapped from the kernel for it
+del block
+print(mallinfo().fordblks >> 20)  # MiB kept free in malloc's heap after it
+"""
+
+
+def has_mallinfo2():
+    try:
+        return platform.libc_ver()[0] == "glibc" and hasattr(ctypes.CDLL(None), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not has_mallinfo2(), reason="glibc's malloc only (mallinfo2 from 2.33 on); elsewhere nothing changes")
+@pytest.mark.parametrize("how,env,kept", [("keep", {}, True), ("plain", {}, False),
+                                          ("keep", {"MALLOC_ARENA_MAX": "2"}, False)])  # the user's settings win
+def test_freed_memory_is_kept_for_reuse_unless_the_user_set_malloc(how, env, kept):
+    proc = subprocess.run([sys.executable, "-c", A_BLOCK_OF_A_STEP, how], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120, check=True)
+    note, mapped, free = proc.stdout.splitlines()
+    assert note == ("freed memory kept for reuse" if kept else "None")
+    assert (int(mapped), int(free) >= 24) == ((0, True) if kept else (24, False)), proc.stdout
