@@ -67,7 +67,7 @@ def blocks(dtype, reps):
     """{U-Net block: median seconds} in one sampling forward pass, and that pass's total."""
     torch.manual_seed(0)
     model = Unet(16).eval()
-    n = images_per_pass("cpu", dtype)
+    n = images_per_pass("cpu", SIZE, dtype)
     x, t = torch.randn(n, 3, SIZE, SIZE), torch.full((n,), 25)
     spent, starts = collections.defaultdict(list), {}
     names = ["init_conv", "time_mlp", "mid_block1", "mid_attn", "mid_block2", "final_res_block", "final_conv"]

@@ -8,18 +8,21 @@ from hw2.distributed import Processes
 from hw2.precision import autocast
 
 GPU_PASS = 256  # images per pass through the reverse chain on a GPU: as many as memory allows
-CPU_PASS_BYTES = 64  # on a CPU: 16 images per pass in float32, 32 in bfloat16
+CPU_PASS_BYTES = 2**17  # on a CPU: pixels x bytes per element in one pass (32 images of 32 x 32 in float32)
 
 
-def images_per_pass(device, amp_dtype=None):
-    """How many images go through the reverse chain together. A GPU wants big passes; a
-    CPU is faster with passes whose activations stay in its caches: 64 images drawn in
-    passes of 16 took 1.4x less time than in one pass, in float32 on a 2-core CPU
-    (benchmarks/README.md), and half-precision activations take half the bytes."""
+def images_per_pass(device, image_size, amp_dtype=None):
+    """How many images go through the reverse chain together. A GPU wants big passes. A CPU
+    is fastest with passes as big as they can be while the largest temporaries (the top
+    attention's 128 features per pixel: 16 MiB for 32 images of 32 px in float32) stay
+    below the 32 MiB from which glibc maps every allocation fresh from the kernel. Drawing
+    64 images of 32 px here, float32: 10.0-10.5 s in passes of 32, 11.2-12.7 s in passes of
+    16, 13.4-13.8 s in one pass of 64; bf16, with half the bytes: 7.3 s in one pass of 64,
+    7.8-7.9 s in passes of 32 (benchmarks/README.md)."""
     if torch.device(device).type != "cpu":
         return GPU_PASS
     element = torch.finfo(amp_dtype or torch.float32).bits // 8
-    return CPU_PASS_BYTES // element
+    return max(1, CPU_PASS_BYTES // (image_size**2 * element))
 
 
 @torch.inference_mode()
@@ -32,7 +35,7 @@ def generate(sampler, n, seed, amp_dtype=None, procs=None, progress=False):
     device = sampler.device
     share = math.ceil(n / procs.world)
     generator = torch.Generator(device=device).manual_seed(seed + 7919 * procs.rank)
-    per_pass = images_per_pass(device, amp_dtype)
+    per_pass = images_per_pass(device, sampler.image_size, amp_dtype)
     chunks = range(0, share, per_pass)
     steps = min(sampler.sampling_timesteps, sampler.num_timesteps)
     with tqdm(total=len(chunks) * steps, desc=f"sampling {n} images", unit="step", leave=False,
