@@ -22,6 +22,11 @@ default is what --amp auto picks here, theirs is their Trainer's default (float3
    and MSE of their noise predictions on held-out images, at fixed t and noise;
 6. FID features per milestone (an Inception v3 of the same cost with random weights: the
    real weights cannot be downloaded here) and peak memory while training.
+
+Both sides share one process, so malloc's settings hold for both: by default the system's
+(glibc returns freed blocks to the kernel), not main.py's on a CPU (hw2.memory keeps them);
+--keep_freed_memory gives both sides main.py's. benchmarks/freed_memory.py measures what
+that setting buys this project alone.
 """
 import argparse
 import json
@@ -43,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from diffusion import Diffusion, normalize  # noqa: E402
 from hw2.config import Config  # noqa: E402
 from hw2.data import decode, resized_side, training_data  # noqa: E402
+from hw2.memory import keep_freed_memory  # noqa: E402
 from hw2.precision import amp_dtype, autocast  # noqa: E402
 from hw2.sampling import generate  # noqa: E402
 from trainer import Trainer, make_adam  # noqa: E402
@@ -360,6 +366,8 @@ def main():
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ddpm-bench"))
     parser.add_argument("--quick", action="store_true", help="3 repetitions, 500 images, 100 learning steps")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--keep_freed_memory", action="store_true",
+                        help="malloc set as main.py sets it on a CPU (hw2.memory), for both sides: one process holds both")
     args = parser.parse_args()
     if args.quick:
         args.reps, args.steps, args.images, args.learn_steps, args.fid_samples = 3, 5, 500, 100, 128
@@ -369,11 +377,12 @@ def main():
     from importlib.metadata import version
 
     default = default_dtype(device)
+    memory = keep_freed_memory() if args.keep_freed_memory else None
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"torch threads {torch.get_num_threads()}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"denoising-diffusion-pytorch {version('denoising-diffusion-pytorch')}; our default precision here: "
-          f"{label(default)}; theirs: float32", flush=True)
+          f"{label(default)}; theirs: float32; malloc: {memory or 'as the system set it'}", flush=True)
     results = {}
     started = time.perf_counter()
 

@@ -4,7 +4,8 @@
     python benchmarks/profile_step.py --ops 12   # also the 12 most expensive operators of each
 
 It times the phases of Trainer.train_step one by one (medians over the steps), the forward
-pass of sampling, and what each U-Net block costs in that forward pass. The table it prints
+pass of sampling, and what each U-Net block costs in that forward pass, with malloc set as
+main.py sets it on a CPU (hw2.memory). The table it prints
 is the one in benchmarks/README.md.
 """
 import argparse
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from diffusion import Diffusion  # noqa: E402
 from gpu_check import synthetic_images  # noqa: E402
 from hw2.data import Batches  # noqa: E402
+from hw2.memory import keep_freed_memory  # noqa: E402
 from hw2.precision import autocast  # noqa: E402
 from hw2.sampling import images_per_pass  # noqa: E402
 from trainer import make_adam  # noqa: E402
@@ -109,7 +111,9 @@ def main():
     parser.add_argument("--ops", type=int, default=0, help="also list this many top operators per precision")
     args = parser.parse_args()
     precisions = {"float32": None, "bf16": torch.bfloat16}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one step = {ACCUMULATE} x {BATCH} images")
+    memory = keep_freed_memory()  # as main.py runs on a CPU
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one step = {ACCUMULATE} x {BATCH} images; "
+          f"malloc: {memory or 'as the system set it'}")
     print()
     print("| phase of a training step | " + " | ".join(precisions) + " |")
     print("| --- |" + " --- |" * len(precisions))
