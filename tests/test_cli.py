@@ -1,6 +1,7 @@
 """The command line: flags, a real training run and every file it writes, resume, bad input."""
 import dataclasses
 import json
+import platform
 import re
 import shutil
 import subprocess
@@ -99,6 +100,9 @@ def test_training_run_writes_every_file(image_root, tmp_path):
     assert "training completed" in proc.stdout
     assert "  unet_dim: 8" in proc.stdout and "  fid: False" in proc.stdout
     assert "steps" in proc.stderr  # the tqdm bar
+    startup = next(line for line in proc.stdout.splitlines() if line.startswith("  (running on cpu"))
+    assert "images per pass" in startup
+    assert ("freed memory kept for reuse" in startup) == (platform.libc_ver()[0] == "glibc"), startup
 
     out = tmp_path / "results"
     samples = {f"sample_ddpm_{m}/{i:05d}.png" for m in (1, 2) for i in range(4)}

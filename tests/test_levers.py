@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT
 from diffusion import Diffusion
-from hw2.sampling import images_per_pass
+from hw2.sampling import generate, images_per_pass
 from unet import LinearAttention, Unet
 
 
@@ -62,6 +62,15 @@ def test_images_per_pass_by_device_precision_and_size():
     assert images_per_pass("cpu", 32) == 32 and images_per_pass("cpu", 32, torch.bfloat16) == 64
     assert images_per_pass("cpu", 64) == 8 and images_per_pass("cpu", 256) == 1
     assert images_per_pass("cuda", 32, torch.float16) == images_per_pass("cuda", 64) == 256
+
+
+def test_generate_draws_in_passes_sized_for_its_images(monkeypatch):
+    torch.manual_seed(0)
+    d = Diffusion(Unet(8, dim_mults=(1, 2)), image_size=64, timesteps=2)
+    passes, real = [], Diffusion.sample
+    monkeypatch.setattr(Diffusion, "sample", lambda self, n, **kw: passes.append(n) or real(self, n, **kw))
+    images = generate(d, 20, seed=0)
+    assert passes == [8, 8, 4] and images.shape == (20, 3, 64, 64)
 
 
 
