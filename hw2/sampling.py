@@ -15,7 +15,8 @@ def images_per_pass(device, image_size, amp_dtype=None):
     """How many images go through the reverse chain together. A GPU wants big passes. A CPU
     is fastest with passes as big as they can be while the largest temporaries (the top
     attention's 128 features per pixel: 16 MiB for 32 images of 32 px in float32) stay
-    below the 32 MiB from which glibc maps every allocation fresh from the kernel. Drawing
+    below 32 MiB, the largest block glibc's malloc serves from its heap rather than
+    mapping it fresh from the kernel (hw2/memory.py). Drawing
     64 images of 32 px here, float32: 10.0-10.5 s in passes of 32, 11.2-12.7 s in passes of
     16, 13.4-13.8 s in one pass of 64; bf16, with half the bytes: 7.3 s in one pass of 64,
     7.8-7.9 s in passes of 32 (benchmarks/README.md)."""

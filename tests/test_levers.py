@@ -73,7 +73,6 @@ def test_generate_draws_in_passes_sized_for_its_images(monkeypatch):
     assert passes == [8, 8, 4] and images.shape == (20, 3, 64, 64)
 
 
-
 A_BLOCK_OF_A_STEP = """
 import ctypes, sys, torch
 from hw2.memory import keep_freed_memory
@@ -86,7 +85,7 @@ mallinfo = ctypes.CDLL(None).mallinfo2
 mallinfo.restype = Mallinfo2
 print(keep_freed_memory() if sys.argv[1] == "keep" else None)
 mapped = mallinfo().hblkhd
-block = torch.ones(6 << 20)  # 24 MiB, the size of the top attention's temporaries in a training step
+block = torch.ones(6 << 20)  # 24 MiB: above glibc's default threshold, below its 32 MiB ceiling
 print((mallinfo().hblkhd - mapped) >> 20)  # MiB mapped from the kernel for it
 del block
 print(mallinfo().fordblks >> 20)  # MiB kept free in malloc's heap after it
