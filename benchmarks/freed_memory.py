@@ -19,28 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = """
 import json, resource, statistics, sys, time
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, {root!r} + "/benchmarks"]
 from hw2.memory import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "kept" else None
 import torch
-from diffusion import Diffusion
+from bench import ours, train_step_fn
 from hw2.precision import autocast
 from hw2.sampling import images_per_pass
-from trainer import make_adam
-from unet import Unet
 
 dtype = None if sys.argv[2] == "float32" else torch.bfloat16
 torch.manual_seed(0)
-diffusion = Diffusion(Unet(16), image_size=32, timesteps=50)
-opt = make_adam(diffusion.parameters(), 1e-3)
-x = torch.rand(32, 3, 32, 32) * 2 - 1
-
-def train_step():
-    for _ in range(2):
-        with autocast("cpu", dtype):
-            (diffusion(x) / 2).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+diffusion = ours()
+train_step = train_step_fn(diffusion, "cpu", torch.rand(32, 3, 32, 32) * 2 - 1, dtype=dtype)
 
 n = images_per_pass("cpu", 32, dtype)
 noise, t = torch.randn(n, 3, 32, 32), torch.full((n,), 25)

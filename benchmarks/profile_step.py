@@ -5,8 +5,7 @@
 
 It times the phases of Trainer.train_step one by one (medians over the steps), the forward
 pass of sampling, and what each U-Net block costs in that forward pass, with malloc set as
-main.py sets it on a CPU (hw2.memory). The table it prints
-is the one in benchmarks/README.md.
+main.py sets it on a CPU (hw2.memory). The table it prints is the one in benchmarks/README.md.
 """
 import argparse
 import collections
