@@ -134,9 +134,7 @@ def pick_device(name):
 
 
 def build_diffusion(config, device):
-    model = Unet(dim=config.unet_dim, dim_mults=config.unet_dim_mults)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = Unet(dim=config.unet_dim, dim_mults=config.unet_dim_mults, channels_last=config.channels_last or None)
     return Diffusion(model, image_size=config.image_size, timesteps=config.time_steps,
                      sampling_timesteps=config.sampling_timesteps).to(device)
 

@@ -63,9 +63,7 @@ TARGETS = {"e2e": 3.0, "train float32": 1.5, "train bf16": 1.5, "sample float32"
 # the two sides
 
 def ours(channels_last=False):
-    model = Unet(DIM, dim_mults=MULTS)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = Unet(DIM, dim_mults=MULTS, channels_last=True if channels_last else None)
     return Diffusion(model, image_size=SIZE, timesteps=T)
 
 

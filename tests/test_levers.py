@@ -108,3 +108,76 @@ def test_freed_memory_is_kept_for_reuse_unless_the_user_set_malloc(how, env, kep
     note, mapped, free = proc.stdout.splitlines()
     assert note == ("freed memory kept for reuse" if kept else "None")
     assert (int(mapped), int(free) >= 24) == ((0, True) if kept else (24, False)), proc.stdout
+
+
+def stored_channels_last(model, x, t):
+    """{block name: whether its output was stored channels-last (channels innermost)} for one pass."""
+    seen = {}
+    for name in ("init_conv", "downs.0.0", "downs.0.2", "downs.1.0", "mid_block1", "ups.2.3", "ups.3.0", "final_res_block"):
+        module = model.get_submodule(name)
+        module.register_forward_hook(lambda m, a, y, name=name: seen.__setitem__(name, y.stride(1) == 1))
+    model(x, t)
+    return seen
+
+
+def test_on_a_cpu_sampling_stores_the_large_maps_channels_last_and_training_none():
+    model, t = Unet(8), torch.tensor([3, 9])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        sampling = stored_channels_last(model, x, t)
+    top = {"init_conv", "downs.0.0", "downs.0.2", "ups.2.3", "ups.3.0", "final_res_block"}
+    assert {name for name, last in sampling.items() if last} == top  # 32 x 32 maps; 16 x 16 and below as usual
+    assert not any(stored_channels_last(Unet(8), x, t).values())  # with a gradient: as usual
+    with torch.no_grad():
+        assert not any(stored_channels_last(Unet(8), torch.randn(2, 3, 16, 16), t).values())  # no map that large
+        assert all(stored_channels_last(Unet(8, channels_last=True), x, t).values())  # --channels_last
+        assert not any(stored_channels_last(Unet(8, channels_last=False), x, t).values())
+
+
+def test_every_layout_gives_the_same_gradients():
+    """Training runs as usual, with the time modulation inside GroupNorm's own affine; channels-last
+    runs it as a separate multiply-add. Same function, same gradients."""
+    torch.manual_seed(0)
+    usual, channels_last = Unet(8, dim_mults=(1, 2)), Unet(8, dim_mults=(1, 2), channels_last=True)
+    with torch.no_grad():
+        for p in usual.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # norms' gains and biases away from 1 and 0
+    channels_last.load_state_dict(usual.state_dict())
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 20, 49])
+    grads = []
+    for model in (usual, channels_last):
+        loss = (model(x, t) * torch.linspace(-1, 1, x.numel()).view_as(x)).mean()
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for (name, _), a, b in zip(usual.named_parameters(), *grads):
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-6, name  # float rounding, at each tensor's scale
+
+
+@pytest.mark.parametrize("channels_last", [None, True])
+def test_under_bf16_autocast_the_blocks_hand_on_bf16(channels_last):
+    """No block's output goes back to float32 (which would cost a cast before every next conv)."""
+    from unet import Block
+
+    model, dtypes = Unet(8, dim_mults=(1, 2), channels_last=channels_last), set()
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.register_forward_hook(lambda m, a, y: dtypes.add(y.dtype))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        model(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+    assert dtypes == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_the_sub_pixel_upsample_is_upsampling_then_the_conv(layout):
+    """Against the homework's own path through the same two modules: nn.Upsample, then the conv."""
+    from unet import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(6, 4)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=layout).requires_grad_()
+    ours, theirs = up(x), torch.nn.Sequential.forward(up, x)
+    assert ours.shape == theirs.shape == (2, 4, 10, 14)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    grads = [torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x, *up.parameters()])
+             for y in (ours, theirs)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
