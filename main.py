@@ -11,6 +11,7 @@ Every field of hw2.config.Config is a flag of the same name; `--help` lists them
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import typing
@@ -34,7 +35,7 @@ from hw2.runlog import RunLog
 from hw2.sampling import generate, images_per_pass
 from hw2.visualize import visualize
 from trainer import Trainer
-from unet import Unet
+from unet import CPU_CHANNELS_LAST_PIXELS, Unet
 
 
 def str2bool(value):
@@ -155,8 +156,15 @@ def print_config(config, taken, source, device, dtype, procs, memory=None):
     for name, value in config.to_dict().items():
         print(f"  {name}: {value}" + ("  *" if name in taken else ""))
     processes = f", {procs.world} processes" if procs.distributed else ""
+    if config.channels_last:
+        layout = ", every feature map channels-last"
+    elif device.type == "cpu" and config.image_size**2 >= CPU_CHANNELS_LAST_PIXELS:
+        side = math.isqrt(CPU_CHANNELS_LAST_PIXELS)
+        layout = f", its feature maps of {side} x {side} px and larger channels-last"
+    else:
+        layout = ""
     print(f"  (running on {device}, {describe_precision(config.amp, device, dtype)}{processes}; "
-          f"sampling {images_per_pass(device, config.image_size, dtype)} images per pass"
+          f"sampling {images_per_pass(device, config.image_size, dtype)} images per pass{layout}"
           f"{'; ' + memory if memory else ''})")
 
 

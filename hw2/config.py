@@ -37,7 +37,8 @@ class Config:
     ema_decay: float = flag(0.0, "EMA of the weights, used for sampling, e.g. 0.995 (0 = off, the homework)")
     sampling_timesteps: int = flag(None, "sample with DDIM over this many steps (< time_steps); default: the full DDPM chain")
     heldout_images: int = flag(0, "training images kept out to measure a held-out denoising loss at milestones (0 = off)")
-    channels_last: bool = flag(False, "store the U-Net's activations channels-last (NHWC); see benchmarks/")
+    channels_last: bool = flag(False, "store every U-Net feature map channels-last (NHWC); by default only those of "
+                                    "32 x 32 px and larger, only while sampling on a CPU; see benchmarks/")
     amp: str = flag("auto", "mixed precision: auto (bf16/fp16 on CUDA, bf16 on CPUs with native bf16), off, bf16 or fp16")
     # outputs
     save_folder: str = flag("./results", "where checkpoints, sample images and plots go")

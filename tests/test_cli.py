@@ -91,6 +91,21 @@ def test_bad_values_are_rejected_in_one_line(args, message, capsys):
     assert message in err[-1] and "Traceback" not in "".join(err)
 
 
+@pytest.mark.parametrize("size,flag,says", [
+    (32, False, "its feature maps of 32 x 32 px and larger channels-last"),
+    (16, False, None),
+    (16, True, "every feature map channels-last"),
+])
+def test_the_startup_line_says_which_maps_are_stored_channels_last(capsys, size, flag, says):
+    from hw2.distributed import Processes
+
+    config, _ = main.parse_config(["--image_size", str(size), *(["--channels_last"] if flag else [])])
+    main.print_config(config, [], None, torch.device("cpu"), None, Processes())
+    startup = capsys.readouterr().out.strip().splitlines()[-1]
+    assert startup.startswith("  (running on cpu")
+    assert ("channels-last" in startup) == (says is not None) and (says is None or says in startup), startup
+
+
 def test_training_run_writes_every_file(image_root, tmp_path):
     """A real subprocess run, in the homework's `--fid False` form, with wandb offline."""
     args = tiny_args(image_root, tmp_path, "--train_steps", "4", "--save_and_sample_every", "2", "--fid", "False",
