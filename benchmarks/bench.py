@@ -90,12 +90,14 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def interleaved(fns, reps, device, warmup=1):
-    """{name: median seconds}, alternating the callables within each repetition."""
+def interleaved(fns, reps, device, warmup=1, times=None):
+    """{name: median seconds}, alternating the callables within each repetition; times, a
+    dict, if given, gets every repetition's seconds."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times = {k: [] for k in fns}
+    times = {} if times is None else times
+    times.update({k: [] for k in fns})
     for _ in range(reps):
         for k, fn in fns.items():
             times[k].append(timed(fn, device))
@@ -220,8 +222,9 @@ def their_trainer_for(folder, results):
                         amp=False, results_folder=str(results))
 
 
-def sampling(device, count, reps):
-    """{(side, precision): median seconds} to draw count images over the T steps."""
+def sampling(device, count, reps, times=None):
+    """{(side, precision): median seconds} to draw count images over the T steps; times: as
+    for interleaved()."""
     torch.manual_seed(0)
     a, b = ours().to(device).eval(), theirs().to(device).eval()
     fns = {}
@@ -233,7 +236,7 @@ def sampling(device, count, reps):
                 b.sample(batch_size=count)
 
         fns["theirs", label(dtype)] = run_theirs
-    return interleaved(fns, reps, device, warmup=0)
+    return interleaved(fns, reps, device, warmup=0, times=times)
 
 
 def heldout_images(sources):
@@ -395,8 +398,10 @@ def main():
     results.update(cache_build_s=cold, e2e_step_s=step_s)
     print("end-to-end done", flush=True)
 
-    sample_s = sampling(device, args.samples, args.reps)
+    sample_times = {}
+    sample_s = sampling(device, args.samples, args.reps, sample_times)
     results["sampling_s"] = {f"{side} {prec}": v for (side, prec), v in sample_s.items()}
+    results["sampling_each_s"] = {f"{side} {prec}": v for (side, prec), v in sample_times.items()}
     grid_s = {side: sample_s[side, label(default if side == "ours" else None)] * GRID / args.samples
               for side in ("ours", "theirs")}
     projected = {side: (HOMEWORK_STEPS * step_s[side] + HOMEWORK_MILESTONES * grid_s[side]) / 3600
@@ -450,6 +455,10 @@ def main():
     base = steps["ours float32, plain Adam"]
     for name in ("ours float32, plain Adam", "ours float32", "ours bf16", "ours default, channels-last"):
         print(f"  {name:29s} {steps[name]:.4f}  {base / steps[name]:.2f}x")
+    print("sampling, each repetition in turn (ours vs theirs, s; theirs / ours):")
+    for prec in ("float32", "bf16"):
+        pairs = zip(sample_times["ours", prec], sample_times["theirs", prec])
+        print(f"  {prec:8s} " + ", ".join(f"{a:.2f} vs {b:.2f} ({b / a:.2f}x)" for a, b in pairs))
     print(f"(benchmark took {results['seconds'] / 60:.1f} minutes)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
