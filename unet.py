@@ -273,6 +273,8 @@ class Upsample(nn.Sequential):
 
     def __init__(self, dim, dim_out):
         super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim_out, 3, padding=1))
+        # in pixel-shuffle order (parity 1 first), on the model's device; not saved
+        self.register_buffer("rows", self.ROWS.flip(0), persistent=False)
 
     def forward(self, x):
         conv = self[1]
@@ -280,7 +282,7 @@ class Upsample(nn.Sequential):
         # The 2x2 window at padded position p covers input rows p-1 and p; parity a's window
         # for output row 2i + a starts at p = i + a, so in pixel-shuffle order (parity 1 - a
         # first) output row 2i + a is shuffled row 2i + a + 1: crop one row and column each side.
-        rows = self.ROWS.flip(0).to(w)
+        rows = self.rows.to(w.dtype)
         kernel = torch.einsum("ark,oikl,bcl->oabirc", rows, w, rows).reshape(-1, w.shape[1], 2, 2)
         y = F.conv2d(x, kernel, conv.bias.repeat_interleave(4), padding=1)  # (B, 4 O, H + 1, W + 1)
         return F.pixel_shuffle(y, 2)[:, :, 1:-1, 1:-1]  # (B, O, 2 H, 2 W)

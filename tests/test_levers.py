@@ -181,3 +181,23 @@ def test_the_sub_pixel_upsample_is_upsampling_then_the_conv(layout):
              for y in (ours, theirs)]
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+
+
+def test_the_time_mlps_as_one_matmul_are_each_blocks_own():
+    """Unet.time_modulations against each ResNet block's own ResnetBlock.modulation; and a copy
+    of the model (the EMA's) modulates its own blocks."""
+    import copy
+
+    torch.manual_seed(0)
+    model = Unet(8, dim_mults=(1, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    time = torch.tensor([0, 17, 49])
+    joint = model.time_modulations(time)
+    assert list(joint) == [m for m in model.modules() if m.__class__.__name__ == "ResnetBlock"]
+    for block, (gain, offset) in joint.items():
+        own_gain, own_offset = block.modulation(model.time_mlp(time))
+        assert torch.allclose(gain, own_gain, atol=1e-6) and torch.allclose(offset, own_offset, atol=1e-6)
+    twin = copy.deepcopy(model)
+    assert set(twin.time_modulations(time)) == {m for m in twin.modules() if m.__class__.__name__ == "ResnetBlock"}
