@@ -3,6 +3,7 @@
     pip install -r benchmarks/requirements.txt
     python benchmarks/bench.py --quick     # every row, fewer repetitions (about 8 minutes on 2 CPU cores)
     python benchmarks/bench.py             # the same rows with more repetitions, steps and images
+    python benchmarks/bench.py --sampling_only --reps 5   # the sampling rows alone, every repetition shown
 
 Both sides train the homework configuration (32 px, batch 32 x 2 accumulation steps, dim 16,
 mults 1 2 4 8, T = 50, cosine schedule, Adam 1e-3; their loss is MSE, ours the homework's
@@ -354,6 +355,13 @@ def row(name, a, b, unit, target=None, note=""):
     return f"| {name} | {a:.4g} {unit} | {b:.4g} {unit} | {ratio:.2f}x | {note} |"
 
 
+def print_each_sampling(times):
+    print("sampling, each repetition in turn (ours vs theirs, s; theirs / ours):")
+    for prec in ("float32", "bf16"):
+        pairs = zip(times["ours", prec], times["theirs", prec])
+        print(f"  {prec:8s} " + ", ".join(f"{a:.2f} vs {b:.2f} ({b / a:.2f}x)" for a, b in pairs))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -367,6 +375,7 @@ def main():
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ddpm-bench"))
     parser.add_argument("--quick", action="store_true", help="3 repetitions, 500 images, 100 learning steps")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--sampling_only", action="store_true", help="only the sampling rows, each repetition shown")
     parser.add_argument("--keep_freed_memory", action="store_true",
                         help="malloc set as main.py sets it on a CPU (hw2.memory), for both sides: one process holds both")
     args = parser.parse_args()
@@ -386,6 +395,14 @@ def main():
           f"{label(default)}; theirs: float32; malloc: {memory or 'as the system set it'}", flush=True)
     results = {}
     started = time.perf_counter()
+    if args.sampling_only:
+        times = {}
+        sample_s = sampling(device, args.samples, args.reps, times)
+        for prec in ("float32", "bf16"):
+            print(row(f"sampling {args.samples} images, T={T}, {prec} vs {prec}", sample_s["ours", prec],
+                      sample_s["theirs", prec], "s", target=TARGETS[f"sample {prec}"]))
+        print_each_sampling(times)
+        return
 
     mm = matmul_gflops(device)
     (p_ours, p_theirs), (f_ours, f_theirs), steps = model_only(device, args.reps)
@@ -455,10 +472,7 @@ def main():
     base = steps["ours float32, plain Adam"]
     for name in ("ours float32, plain Adam", "ours float32", "ours bf16", "ours default, channels-last"):
         print(f"  {name:29s} {steps[name]:.4f}  {base / steps[name]:.2f}x")
-    print("sampling, each repetition in turn (ours vs theirs, s; theirs / ours):")
-    for prec in ("float32", "bf16"):
-        pairs = zip(sample_times["ours", prec], sample_times["theirs", prec])
-        print(f"  {prec:8s} " + ", ".join(f"{a:.2f} vs {b:.2f} ({b / a:.2f}x)" for a, b in pairs))
+    print_each_sampling(sample_times)
     print(f"(benchmark took {results['seconds'] / 60:.1f} minutes)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
