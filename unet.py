@@ -291,7 +291,7 @@ class Upsample(nn.Sequential):
 class Unet(nn.Module):
     """channels_last: None (the default) stores the feature maps of at least
     CPU_CHANNELS_LAST_PIXELS pixels channels-last (NHWC) on a CPU, where their 16-32 channel
-    convolutions run 1.3-3x faster so, and every other map as usual (NCHW); True stores
+    convolutions run 1.3-3.4x faster so, and every other map as usual (NCHW); True stores
     every map channels-last, on any device (--channels_last); False none. The layout changes
     speed only, never the function."""
 
