@@ -1,5 +1,6 @@
 """The speed levers change how the numbers are computed, never which numbers (benchmarks/ says how fast)."""
 import contextlib
+import copy
 import ctypes
 import os
 import platform
@@ -12,7 +13,7 @@ import torch
 from conftest import ROOT
 from diffusion import Diffusion
 from hw2.sampling import generate, images_per_pass
-from unet import LinearAttention, Unet
+from unet import Block, LinearAttention, ResnetBlock, Unet, Upsample
 
 
 @pytest.mark.parametrize("channels,side", [(16, 32), (32, 16), (8, 8), (64, 4)])
@@ -155,8 +156,6 @@ def test_every_layout_gives_the_same_gradients():
 @pytest.mark.parametrize("channels_last", [None, True])
 def test_under_bf16_autocast_the_blocks_hand_on_bf16(channels_last):
     """No block's output goes back to float32 (which would cost a cast before every next conv)."""
-    from unet import Block
-
     model, dtypes = Unet(8, dim_mults=(1, 2), channels_last=channels_last), set()
     for module in model.modules():
         if isinstance(module, Block):
@@ -169,8 +168,6 @@ def test_under_bf16_autocast_the_blocks_hand_on_bf16(channels_last):
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_the_sub_pixel_upsample_is_upsampling_then_the_conv(layout):
     """Against the homework's own path through the same two modules: nn.Upsample, then the conv."""
-    from unet import Upsample
-
     torch.manual_seed(0)
     up = Upsample(6, 4)
     x = torch.randn(2, 6, 5, 7).contiguous(memory_format=layout).requires_grad_()
@@ -186,8 +183,6 @@ def test_the_sub_pixel_upsample_is_upsampling_then_the_conv(layout):
 def test_the_time_mlps_as_one_matmul_are_each_blocks_own():
     """Unet.time_modulations against each ResNet block's own ResnetBlock.modulation; and a copy
     of the model (the EMA's) modulates its own blocks."""
-    import copy
-
     torch.manual_seed(0)
     model = Unet(8, dim_mults=(1, 2))
     with torch.no_grad():
@@ -195,9 +190,9 @@ def test_the_time_mlps_as_one_matmul_are_each_blocks_own():
             p.add_(torch.randn_like(p) * 0.1)
     time = torch.tensor([0, 17, 49])
     joint = model.time_modulations(time)
-    assert list(joint) == [m for m in model.modules() if m.__class__.__name__ == "ResnetBlock"]
+    assert list(joint) == [m for m in model.modules() if isinstance(m, ResnetBlock)]
     for block, (gain, offset) in joint.items():
         own_gain, own_offset = block.modulation(model.time_mlp(time))
         assert torch.allclose(gain, own_gain, atol=1e-6) and torch.allclose(offset, own_offset, atol=1e-6)
     twin = copy.deepcopy(model)
-    assert set(twin.time_modulations(time)) == {m for m in twin.modules() if m.__class__.__name__ == "ResnetBlock"}
+    assert set(twin.time_modulations(time)) == {m for m in twin.modules() if isinstance(m, ResnetBlock)}
