@@ -35,7 +35,7 @@ from hw2.runlog import RunLog
 from hw2.sampling import generate, images_per_pass
 from hw2.visualize import visualize
 from trainer import Trainer
-from unet import CPU_CHANNELS_LAST_PIXELS, Unet
+from unet import CPU_CHANNELS_LAST_PIXELS, Unet, sampled_channels_last
 
 
 def str2bool(value):
@@ -158,7 +158,7 @@ def print_config(config, taken, source, device, dtype, procs, memory=None):
     processes = f", {procs.world} processes" if procs.distributed else ""
     if config.channels_last:
         layout = ", every feature map channels-last"
-    elif device.type == "cpu" and config.image_size**2 >= CPU_CHANNELS_LAST_PIXELS:
+    elif sampled_channels_last(device, config.image_size**2):
         side = math.isqrt(CPU_CHANNELS_LAST_PIXELS)
         layout = f", its feature maps of {side} x {side} px and larger channels-last"
     else:

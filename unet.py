@@ -29,6 +29,12 @@ from torch import nn
 CPU_CHANNELS_LAST_PIXELS = 32 * 32  # on a CPU, feature maps this large are stored channels-last
 
 
+def sampled_channels_last(device, pixels):
+    """Whether, by default, a feature map of `pixels` pixels is stored channels-last while
+    sampling (no gradient) on `device` (see Unet)."""
+    return torch.device(device).type == "cpu" and pixels >= CPU_CHANNELS_LAST_PIXELS
+
+
 def stored_as(x):
     """x's memory format: torch.channels_last if x is stored so, else torch.contiguous_format."""
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -387,8 +393,7 @@ class Unet(nn.Module):
         """The memory format for feature map x (B, C, H, W), by the rule in the class docstring."""
         channels_last = self.channels_last
         if channels_last is None:
-            channels_last = (x.device.type == "cpu" and not torch.is_grad_enabled()
-                             and x.shape[-2] * x.shape[-1] >= CPU_CHANNELS_LAST_PIXELS)
+            channels_last = not torch.is_grad_enabled() and sampled_channels_last(x.device, x.shape[-2] * x.shape[-1])
         return torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, x, time):

@@ -402,6 +402,8 @@ def main():
             print(row(f"sampling {args.samples} images, T={T}, {prec} vs {prec}", sample_s["ours", prec],
                       sample_s["theirs", prec], "s", target=TARGETS[f"sample {prec}"]))
         print_each_sampling(times)
+        if args.json:
+            Path(args.json).write_text(json.dumps({f"{side} {prec}": v for (side, prec), v in times.items()}, indent=1))
         return
 
     mm = matmul_gflops(device)
