@@ -35,7 +35,7 @@ from hw2.runlog import RunLog
 from hw2.sampling import generate, images_per_pass
 from hw2.visualize import visualize
 from trainer import Trainer
-from unet import CPU_CHANNELS_LAST_PIXELS, Unet, sampled_channels_last
+from unet import CPU_CHANNELS_LAST_PIXELS, Unet, sampled_base2, sampled_channels_last
 
 
 def str2bool(value):
@@ -163,6 +163,8 @@ def print_config(config, taken, source, device, dtype, procs, memory=None):
         layout = f", its feature maps of {side} x {side} px and larger channels-last"
     else:
         layout = ""
+    if sampled_base2(device, dtype or torch.float32):
+        layout += ", its attention softmaxes in base 2"
     print(f"  (running on {device}, {describe_precision(config.amp, device, dtype)}{processes}; "
           f"sampling {images_per_pass(device, config.image_size, dtype)} images per pass{layout}"
           f"{'; ' + memory if memory else ''})")

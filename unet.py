@@ -27,12 +27,20 @@ from torch import nn
 
 
 CPU_CHANNELS_LAST_PIXELS = 32 * 32  # on a CPU, feature maps this large are stored channels-last
+LOG2_E = 1.4426950408889634  # e^z = 2^(z log2 e)
+EXP2_LIMIT = 64.0  # |z| <= 64: 2^z, and sums of millions of them, stay far inside float32's range
 
 
 def sampled_channels_last(device, pixels):
     """Whether, by default, a feature map of `pixels` pixels is stored channels-last while
     sampling (no gradient) on `device` (see Unet)."""
     return torch.device(device).type == "cpu" and pixels >= CPU_CHANNELS_LAST_PIXELS
+
+
+def sampled_base2(device, dtype):
+    """Whether sampling (no gradient) on `device` in `dtype` takes the folded linear attention's
+    softmaxes in base 2, as far as its bound allows (LinearAttention.base2)."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32
 
 
 def stored_as(x):
@@ -216,16 +224,25 @@ class LinearAttention(nn.Module):
         levels): v = W_v x is never formed, since context = (k x^T) W_v^T / HW; the output
         conv and q's scale are folded into context before it meets q; and the result comes
         out pixel-major, as the LayerNorm after it wants. At 32 x 32 px with 16 channels it
-        is 2-4x faster than the direct form (benchmarks/README.md)."""
+        is 2-4x faster than the direct form (benchmarks/README.md). Where base2() allows,
+        the softmaxes are taken in base 2 without their max-subtraction."""
         b, c, h, w = x.shape
         n, heads, d = h * w, self.heads, self.dim_head
         hidden = heads * d
         w_q, w_k, w_v = self.to_qkv.weight.view(3, hidden, c)
         x_t = x.flatten(2).transpose(1, 2) if x.is_contiguous() else x.permute(0, 2, 3, 1).reshape(b, n, c)
         x = x_t.transpose(1, 2)  # x_t (B, N, C) and x (B, C, N): views, however x is stored
-        q = torch.bmm(x_t, w_q.t().expand(b, -1, -1)).view(b, n, heads, d).softmax(dim=-1)  # (B, N, heads, d)
-        k = torch.bmm(w_k.expand(b, -1, -1), x).softmax(dim=-1)  # (B, hidden, N): straight into this layout
-        kx = torch.bmm(k, x_t)  # (B, hidden, C)
+        if self.base2(x_t):
+            # softmax(z) = 2^z' / sum 2^z' with z' = z log2 e (log2 e folded into the weights),
+            # in place; k's sums divide kx, 32x smaller than k
+            q = torch.bmm(x_t, (w_q * LOG2_E).t().expand(b, -1, -1)).exp2_().view(b, n, heads, d)
+            q = q.div_(q.sum(dim=-1, keepdim=True))  # (B, N, heads, d)
+            k = torch.bmm((w_k * LOG2_E).expand(b, -1, -1), x).exp2_()  # (B, hidden, N), unnormalized
+            kx = torch.bmm(k, x_t).div_(k.sum(dim=-1, keepdim=True))  # (B, hidden, C)
+        else:
+            q = torch.bmm(x_t, w_q.t().expand(b, -1, -1)).view(b, n, heads, d).softmax(dim=-1)  # (B, N, heads, d)
+            k = torch.bmm(w_k.expand(b, -1, -1), x).softmax(dim=-1)  # (B, hidden, N): straight into this layout
+            kx = torch.bmm(k, x_t)  # (B, hidden, C)
         context = torch.matmul(kx.view(b, heads, d, c), w_v.view(heads, d, c).transpose(1, 2))  # (B, heads, d, e)
         conv = self.to_out[0]
         c_out = conv.out_channels
@@ -233,6 +250,20 @@ class LinearAttention(nn.Module):
         m = torch.einsum("ohe,bhde->bhdo", w_out, context).reshape(b, hidden, c_out)
         out = torch.baddbmm(conv.bias.view(1, 1, c_out), q.view(b, n, hidden), m)  # (B, N, C_out)
         return out.view(b, h, w, c_out).permute(0, 3, 1, 2)  # (B, C_out, H, W), stored pixel-major
+
+    def base2(self, x_t):
+        """Whether folded() may take its softmaxes as 2^z' / sum 2^z' (z' = z log2 e) with no
+        max subtracted: in float32 on a CPU without gradient (sampling), where torch's exp2 runs
+        3x faster than its exp and the max would cost a pass over q and k. (In bfloat16 the
+        conversions to float32 it needs cost what it saves; GPUs keep torch's fused softmax.)
+        Safe when every exponent is within EXP2_LIMIT, which |w . x| <= |w| |x| bounds for each
+        row w of W_q and W_k and each pixel x: weights or inputs too large for it, or a NaN, take
+        the usual way."""
+        if torch.is_grad_enabled() or not sampled_base2(x_t.device, x_t.dtype):
+            return False
+        w = self.to_qkv.weight[: 2 * self.heads * self.dim_head].flatten(1)  # the rows of W_q and W_k
+        bound = LOG2_E * w.norm(dim=1).amax() * x_t.square().sum(dim=-1).amax().sqrt()
+        return bound.item() <= EXP2_LIMIT
 
 
 class PreNorm(nn.Module):

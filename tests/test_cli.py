@@ -106,6 +106,17 @@ def test_the_startup_line_says_which_maps_are_stored_channels_last(capsys, size,
     assert ("channels-last" in startup) == (says is not None) and (says is None or says in startup), startup
 
 
+@pytest.mark.parametrize("device,dtype,base2", [("cpu", None, True), ("cpu", torch.bfloat16, False),
+                                                ("meta", None, False)])
+def test_the_startup_line_says_when_sampling_takes_softmaxes_in_base_2(capsys, device, dtype, base2):
+    from hw2.distributed import Processes
+
+    config, _ = main.parse_config([])
+    main.print_config(config, [], None, torch.device(device), dtype, Processes())
+    startup = capsys.readouterr().out.strip().splitlines()[-1]
+    assert ("attention softmaxes in base 2" in startup) == base2, startup
+
+
 def test_training_run_writes_every_file(image_root, tmp_path):
     """A real subprocess run, in the homework's `--fid False` form, with wandb offline."""
     args = tiny_args(image_root, tmp_path, "--train_steps", "4", "--save_and_sample_every", "2", "--fid", "False",

@@ -33,6 +33,64 @@ def test_the_folded_linear_attention_is_the_direct_one(channels, side):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def perturbed_attention(channels, scale=0.2):
+    attention = LinearAttention(channels)
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.add_(torch.randn_like(p) * scale)  # a bias and gain away from their initial values
+    return attention
+
+
+def pixels(x):
+    """(B, C, H, W) -> (B, H*W, C), as folded() hands it to base2()."""
+    return x.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("channels,side,layout", [(16, 32, torch.channels_last), (32, 16, torch.contiguous_format)])
+def test_sampling_takes_the_softmaxes_in_base_2_to_the_same_numbers(channels, side, layout, monkeypatch):
+    """In float32 on a CPU without gradient, folded() takes exp2 with no max subtracted; the same
+    attention as the homework's computation (direct())."""
+    torch.manual_seed(channels)
+    attention = perturbed_attention(channels)
+    taken, base2 = [], LinearAttention.base2
+    monkeypatch.setattr(LinearAttention, "base2", lambda self, x_t: taken.append(base2(self, x_t)) or taken[-1])
+    x = torch.randn(3, channels, side, side).contiguous(memory_format=layout) * 2
+    norm = attention.to_out[1]
+    with torch.no_grad():
+        direct, folded = norm(attention.direct(x)), norm(attention.folded(x))
+    assert taken == [True]
+    assert torch.allclose(direct, folded, atol=1e-5), (direct - folded).abs().max()
+
+
+def test_softmaxes_beyond_the_exponent_bound_take_the_usual_way(monkeypatch):
+    """Weights or inputs large enough for 2^z to overflow float32: folded() subtracts the max as
+    usual (the bound is what keeps base 2 safe); so do training, bfloat16, NaNs and other devices."""
+    torch.manual_seed(0)
+    attention = perturbed_attention(16)
+    with torch.no_grad():
+        attention.to_qkv.weight.mul_(40)
+    x = torch.randn(2, 16, 32, 32) * 3
+    with torch.no_grad():
+        assert not attention.base2(pixels(x))
+        direct, folded = attention.direct(x), attention.folded(x)
+        assert torch.isfinite(folded).all() and torch.allclose(direct, folded, atol=1e-4, rtol=1e-4)
+        monkeypatch.setattr(LinearAttention, "base2", lambda self, x_t: True)  # were it taken anyway
+        assert not torch.isfinite(attention.folded(x)).all()
+    monkeypatch.undo()
+    small = perturbed_attention(16)
+    x = torch.randn(2, 16, 32, 32)
+    spike = x.clone()
+    row = small.to_qkv.weight[0].flatten()
+    spike[1, :, 7, 9] = 200 * row / row.norm()  # one pixel far out, along a row of W_q
+    with torch.no_grad():
+        assert small.base2(pixels(x)) and not small.base2(pixels(spike))
+        assert torch.allclose(small.folded(spike), small.direct(spike), atol=1e-4, rtol=1e-4)
+        assert not small.base2(pixels(x).bfloat16())
+        assert not small.base2(pixels(x).index_fill(1, torch.tensor([5]), float("nan")))
+        assert not small.base2(pixels(x).to("meta"))
+    assert not small.base2(pixels(x))  # with a gradient
+
+
 def test_fixed_weights_reuse_the_standardized_kernels_only_while_fixed():
     torch.manual_seed(0)
     model = Unet(8, dim_mults=(1, 2)).eval()
