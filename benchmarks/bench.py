@@ -4,6 +4,7 @@
     python benchmarks/bench.py --quick     # every row, fewer repetitions (about 8 minutes on 2 CPU cores)
     python benchmarks/bench.py             # the same rows with more repetitions, steps and images
     python benchmarks/bench.py --sampling_only --reps 5   # the sampling rows alone, every repetition shown
+    python benchmarks/bench.py --sampling_only --separate_processes --keep_freed_memory  # each in a fresh process
 
 Both sides train the homework configuration (32 px, batch 32 x 2 accumulation steps, dim 16,
 mults 1 2 4 8, T = 50, cosine schedule, Adam 1e-3; their loss is MSE, ours the homework's
@@ -223,21 +224,49 @@ def their_trainer_for(folder, results):
                         amp=False, results_folder=str(results))
 
 
-def sampling(device, count, reps, times=None):
-    """{(side, precision): median seconds} to draw count images over the T steps; times: as
-    for interleaved()."""
+def sampling_fns(device, count, sides=("ours", "theirs")):
+    """{(side, precision): a callable that draws count images over the T steps}."""
     torch.manual_seed(0)
-    a, b = ours().to(device).eval(), theirs().to(device).eval()
+    models = {side: build().to(device).eval() for side, build in (("ours", ours), ("theirs", theirs)) if side in sides}
     fns = {}
     for dtype in (None, torch.bfloat16):
-        fns["ours", label(dtype)] = lambda dtype=dtype: generate(a, count, seed=0, amp_dtype=dtype)
+        if "ours" in models:
+            fns["ours", label(dtype)] = lambda dtype=dtype: generate(models["ours"], count, seed=0, amp_dtype=dtype)
+        if "theirs" in models:
+            fns["theirs", label(dtype)] = lambda dtype=dtype: their_sample(models["theirs"], count, device, dtype)
+    return fns
 
-        def run_theirs(dtype=dtype):
-            with torch.inference_mode(), autocast(device, dtype):
-                b.sample(batch_size=count)
 
-        fns["theirs", label(dtype)] = run_theirs
-    return interleaved(fns, reps, device, warmup=0, times=times)
+def their_sample(diffusion, count, device, dtype):
+    with torch.inference_mode(), autocast(device, dtype):
+        diffusion.sample(batch_size=count)
+
+
+def sampling(device, count, reps, times=None):
+    """{(side, precision): median seconds} to draw count images over the T steps, both sides
+    in this process; times: as for interleaved()."""
+    return interleaved(sampling_fns(device, count), reps, device, warmup=0, times=times)
+
+
+def sampling_in_processes(device, count, reps, keep_freed, times):
+    """The same as sampling(), but every measurement in a fresh process of its own (one per
+    side, precision and repetition, alternating): neither side's allocations shape the other's
+    heap. Each process draws twice and reports the second, so one-time set-up is left out."""
+    for _ in range(reps):
+        for prec in ("float32", "bf16"):
+            for side in ("ours", "theirs"):
+                command = [sys.executable, __file__, "--sample_worker", side, prec, "--samples", str(count),
+                           "--device", str(device), *(["--keep_freed_memory"] if keep_freed else [])]
+                out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                times.setdefault((side, prec), []).append(float(out.split()[-1]))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def sample_worker(device, count, side, prec):
+    """One process's part in sampling_in_processes(): the seconds of its second draw."""
+    fn = sampling_fns(device, count, sides=(side,))[side, prec]
+    fn()
+    print(timed(fn, device))
 
 
 def heldout_images(sources):
@@ -378,7 +407,14 @@ def main():
     parser.add_argument("--sampling_only", action="store_true", help="only the sampling rows, each repetition shown")
     parser.add_argument("--keep_freed_memory", action="store_true",
                         help="malloc set as main.py sets it on a CPU (hw2.memory), for both sides: one process holds both")
+    parser.add_argument("--separate_processes", action="store_true",
+                        help="with --sampling_only: every measurement in a fresh process of its own, the sides alternating")
+    parser.add_argument("--sample_worker", nargs=2, metavar=("SIDE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sample_worker:
+        if args.keep_freed_memory:
+            keep_freed_memory()
+        return sample_worker(torch.device(args.device), args.samples, *args.sample_worker)
     if args.quick:
         args.reps, args.steps, args.images, args.learn_steps, args.fid_samples = 3, 5, 500, 100, 128
     device = torch.device(args.device)
@@ -397,7 +433,11 @@ def main():
     started = time.perf_counter()
     if args.sampling_only:
         times = {}
-        sample_s = sampling(device, args.samples, args.reps, times)
+        if args.separate_processes:
+            print("each measurement in a fresh process of its own", flush=True)
+            sample_s = sampling_in_processes(device, args.samples, args.reps, args.keep_freed_memory, times)
+        else:
+            sample_s = sampling(device, args.samples, args.reps, times)
         for prec in ("float32", "bf16"):
             print(row(f"sampling {args.samples} images, T={T}, {prec} vs {prec}", sample_s["ours", prec],
                       sample_s["theirs", prec], "s", target=TARGETS[f"sample {prec}"]))
