@@ -411,6 +411,8 @@ def main():
                         help="with --sampling_only: every measurement in a fresh process of its own, the sides alternating")
     parser.add_argument("--sample_worker", nargs=2, metavar=("SIDE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.separate_processes and not args.sampling_only:
+        parser.error("--separate_processes measures the sampling rows only: add --sampling_only")
     if args.sample_worker:
         if args.keep_freed_memory:
             keep_freed_memory()
