@@ -157,16 +157,16 @@ def print_config(config, taken, source, device, dtype, procs, memory=None):
         print(f"  {name}: {value}" + ("  *" if name in taken else ""))
     processes = f", {procs.world} processes" if procs.distributed else ""
     if config.channels_last:
-        layout = ", every feature map channels-last"
+        how = ", every feature map channels-last"
     elif sampled_channels_last(device, config.image_size**2):
         side = math.isqrt(CPU_CHANNELS_LAST_PIXELS)
-        layout = f", its feature maps of {side} x {side} px and larger channels-last"
+        how = f", its feature maps of {side} x {side} px and larger channels-last"
     else:
-        layout = ""
+        how = ""
     if sampled_base2(device, dtype or torch.float32):
-        layout += ", its attention softmaxes in base 2"
+        how += ", its attention softmaxes in base 2"
     print(f"  (running on {device}, {describe_precision(config.amp, device, dtype)}{processes}; "
-          f"sampling {images_per_pass(device, config.image_size, dtype)} images per pass{layout}"
+          f"sampling {images_per_pass(device, config.image_size, dtype)} images per pass{how}"
           f"{'; ' + memory if memory else ''})")
 
 
