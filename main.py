@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from diffusion import Diffusion
-from hw2 import distributed
+from hw2 import distributed, kernels
 from hw2.checkpoint import load_checkpoint, load_unet_weights, unet_shape, unet_weights
 from hw2.config import MODEL_FIELDS, NOT_INHERITED, Config
 from hw2.data import find_images, split_heldout, training_data
@@ -163,8 +163,10 @@ def print_config(config, taken, source, device, dtype, procs, memory=None):
         how = f", its feature maps of {side} x {side} px and larger channels-last"
     else:
         how = ""
-    if sampled_base2(device, dtype or torch.float32):
-        how += ", its attention softmaxes in base 2"
+    if torch.device(device).type == "cpu":
+        how += ", " + kernels.status()
+        if not kernels.kernel() and sampled_base2(device, dtype or torch.float32):
+            how += ", its attention softmaxes in base 2"
     print(f"  (running on {device}, {describe_precision(config.amp, device, dtype)}{processes}; "
           f"sampling {images_per_pass(device, config.image_size, dtype)} images per pass{how}"
           f"{'; ' + memory if memory else ''})")

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from hw2 import kernels
+
 
 CPU_CHANNELS_LAST_PIXELS = 32 * 32  # on a CPU, feature maps this large are stored channels-last
 LOG2_E = 1.4426950408889634  # e^z = 2^(z log2 e)
@@ -224,8 +226,11 @@ class LinearAttention(nn.Module):
         levels): v = W_v x is never formed, since context = (k x^T) W_v^T / HW; the output
         conv and q's scale are folded into context before it meets q; and the result comes
         out pixel-major, as the LayerNorm after it wants. At 32 x 32 px with 16 channels it
-        is 2-4x faster than the direct form (benchmarks/README.md). Where base2() allows,
-        the softmaxes are taken in base 2 without their max-subtraction."""
+        is 2-4x faster than the direct form (benchmarks/README.md). While sampling on a CPU
+        it runs in hw2/kernels.py's compiled kernel where that is built; else, where base2()
+        allows, the softmaxes are taken in base 2 without their max-subtraction."""
+        if kernels.takes(x, self.heads, self.dim_head):
+            return self.compiled(x)
         b, c, h, w = x.shape
         n, heads, d = h * w, self.heads, self.dim_head
         hidden = heads * d
@@ -250,6 +255,18 @@ class LinearAttention(nn.Module):
         m = torch.einsum("ohe,bhde->bhdo", w_out, context).reshape(b, hidden, c_out)
         out = torch.baddbmm(conv.bias.view(1, 1, c_out), q.view(b, n, hidden), m)  # (B, N, C_out)
         return out.view(b, h, w, c_out).permute(0, 3, 1, 2)  # (B, C_out, H, W), stored pixel-major
+
+    def compiled(self, x):
+        """folded() in one pass per image, in hw2/csrc/linear_attention.c (in float32, also under
+        bfloat16 autocast: there the result is rounded to bfloat16 once, at the end)."""
+        b, c, h, w = x.shape
+        n, hidden = h * w, self.heads * self.dim_head
+        w_q, w_k, w_v = self.to_qkv.weight.view(3, hidden, c)
+        conv = self.to_out[0]
+        x_t = x.flatten(2).transpose(1, 2) if x.is_contiguous() else x.permute(0, 2, 3, 1).reshape(b, n, c)
+        out = kernels.linear_attention(x_t, w_q * LOG2_E, w_k * LOG2_E, w_v, conv.weight.view(c, hidden) * (self.scale / n),
+                                       conv.bias)  # (B, N, C)
+        return out.to(x.dtype).view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), stored pixel-major
 
     def base2(self, x_t):
         """Whether folded() may take its softmaxes as 2^z' / sum 2^z' (z' = z log2 e) with no

@@ -106,14 +106,20 @@ def test_the_startup_line_says_which_maps_are_stored_channels_last(capsys, size,
     assert ("channels-last" in startup) == (says is not None) and (says is None or says in startup), startup
 
 
-@pytest.mark.parametrize("device,dtype,base2", [("cpu", None, True), ("cpu", torch.bfloat16, False),
-                                                ("meta", None, False)])
-def test_the_startup_line_says_when_sampling_takes_softmaxes_in_base_2(capsys, device, dtype, base2):
+@pytest.mark.parametrize("device,dtype,kernel,base2", [
+    ("cpu", None, True, False), ("cpu", torch.bfloat16, True, False),
+    ("cpu", None, False, True), ("cpu", torch.bfloat16, False, False), ("meta", None, True, False)])
+def test_the_startup_line_says_how_sampling_computes_the_attention(capsys, monkeypatch, device, dtype, kernel, base2):
+    """The compiled kernel where it is built (on a CPU); else why not, and base 2 in float32."""
+    from hw2 import kernels
     from hw2.distributed import Processes
 
+    monkeypatch.setattr(kernels, "_built", {"lib": print if kernel else None, "why": "no C compiler (cc) found"})
     config, _ = main.parse_config([])
     main.print_config(config, [], None, torch.device(device), dtype, Processes())
     startup = capsys.readouterr().out.strip().splitlines()[-1]
+    assert ("its linear attention in a compiled kernel" in startup) == (kernel and device == "cpu"), startup
+    assert ("no compiled kernel (no C compiler (cc) found)" in startup) == (not kernel and device == "cpu"), startup
     assert ("attention softmaxes in base 2" in startup) == base2, startup
 
 

@@ -1,0 +1,187 @@
+"""The compiled linear attention (hw2/kernels.py): the same numbers as torch's, taken only while
+sampling on a CPU, and built once per machine, or cleanly not at all."""
+import os
+import stat
+
+import pytest
+import torch
+
+from conftest import golden_cases, needs_golden
+from hw2 import kernels
+from hw2.precision import autocast
+from unet import LinearAttention, Unet
+
+needs_kernel = pytest.mark.skipif(kernels.kernel() is None, reason=f"the kernel is not built here: {kernels.status()}")
+
+
+def perturbed_attention(channels, scale=0.2, seed=0):
+    torch.manual_seed(seed)
+    attention = LinearAttention(channels)
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.add_(torch.randn_like(p) * scale)  # a bias and gain away from their initial values
+    return attention
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """The batch sizes the kernel was called with, in order."""
+    calls, run = [], kernels.linear_attention
+    monkeypatch.setattr(kernels, "linear_attention", lambda x_t, *w: calls.append(x_t.shape[0]) or run(x_t, *w))
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels,side,layout,batch", [
+    (16, 32, torch.channels_last, 3), (16, 32, torch.contiguous_format, 1), (32, 16, torch.contiguous_format, 5),
+    (64, 16, torch.channels_last, 2), (128, 16, torch.contiguous_format, 1), (16, 12, torch.channels_last, 2)])
+def test_the_kernel_computes_the_homeworks_linear_attention(channels, side, layout, batch, spy):
+    """The homework's computation as written (direct()) is the oracle; every channel count the
+    kernel is built for, both layouts, pixel counts of 1, 9 and 64 vectors."""
+    attention = perturbed_attention(channels, seed=channels + side)
+    x = torch.randn(batch, channels, side, side).contiguous(memory_format=layout) * 2
+    with torch.no_grad():
+        direct, compiled = attention.direct(x), attention.folded(x)
+    assert spy == [batch]
+    assert compiled.dtype == torch.float32 and compiled.shape == direct.shape
+    assert torch.allclose(direct, compiled, atol=1e-6, rtol=1e-4), (direct - compiled).abs().max()
+
+
+@needs_kernel
+def test_the_kernels_exponential_is_float32_exact_to_a_few_ulp():
+    """Its 2^z (a rounding and a Taylor series) against float64's, from 0 down to the flush at -126."""
+    z = torch.cat([torch.linspace(-126, 0, 16 * 4096), -torch.rand(16 * 1024) * 2, torch.zeros(16)])
+    out = torch.empty_like(z)
+    kernels.kernel().hw2_exp2(z.data_ptr(), out.data_ptr(), z.numel())
+    exact = torch.exp2(z.double())
+    assert ((out.double() - exact) / exact).abs().max() < 3e-7
+
+
+def test_a_shape_it_is_not_built_for_is_refused_in_words():
+    if kernels.kernel() is None:
+        pytest.skip(f"the kernel is not built here: {kernels.status()}")
+    w = torch.zeros(128, 16)
+    with pytest.raises(ValueError, match="does not take 16 channels and 36 pixels"):
+        kernels.linear_attention(torch.zeros(1, 36, 16), w, w, w, torch.zeros(16, 128), torch.zeros(16))
+
+
+@needs_kernel
+def test_large_exponents_stay_exact_and_a_nan_stays_in_its_image(spy):
+    """Every softmax subtracts its maximum: weights 40x larger (exponents in the hundreds, where
+    2^z overflows float32 without it) give the same numbers. A NaN pixel makes its own image's
+    output NaN, as torch's softmax does, and leaves the others' alone."""
+    attention = perturbed_attention(16)
+    with torch.no_grad():
+        attention.to_qkv.weight.mul_(40)
+    x = torch.randn(3, 16, 32, 32) * 3
+    with torch.no_grad():
+        direct, compiled = attention.direct(x), attention.folded(x)
+        assert torch.isfinite(compiled).all() and torch.allclose(direct, compiled, atol=1e-5, rtol=1e-4)
+        x[1, 4, 20, 3] = float("nan")
+        poisoned = attention.folded(x)
+    assert spy == [3, 3]
+    assert poisoned[1].isnan().all()
+    assert torch.equal(poisoned[0], compiled[0]) and torch.equal(poisoned[2], compiled[2])
+
+
+@needs_kernel
+def test_the_threads_split_images_not_sums():
+    """One thread or two, the same bits: each image is computed whole by one thread."""
+    attention = perturbed_attention(16)
+    x = torch.randn(5, 16, 32, 32)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = attention.folded(x)
+            torch.set_num_threads(max(2, threads))
+            two = attention.folded(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_taken_only_while_sampling_on_a_cpu_in_the_shapes_it_is_built_for(spy):
+    """Not in training (gradients go through torch), not for other head sizes or pixel counts
+    that are not whole vectors; under bfloat16 autocast it computes in float32 and rounds once."""
+    attention = perturbed_attention(16)
+    x = torch.randn(2, 16, 32, 32)
+    assert attention.folded(x).requires_grad and spy == []
+    with torch.no_grad():
+        assert spy == [] and attention.folded(torch.randn(2, 16, 6, 6)) is not None and spy == []
+        other = LinearAttention(16, heads=2)
+        other.folded(x)
+        assert spy == []
+        direct = attention.direct(x)
+        with autocast("cpu", torch.bfloat16):
+            half = attention.folded(x.bfloat16())
+    assert spy == [2] and half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), direct, atol=1e-2, rtol=1e-2)
+    assert not kernels.takes(x.to("meta"), 4, 32)
+
+
+@needs_golden
+@needs_kernel
+def test_the_starters_weights_give_the_starters_outputs_through_the_kernel(spy):
+    """The starter's own numbers (golden.pt), now with the top levels' attention in the kernel."""
+    for case in golden_cases():
+        model = Unet(dim=case["dim"], dim_mults=tuple(case["dim_mults"]))
+        model.load_state_dict(case["state_dict"], strict=True)
+        model.eval()
+        before = len(spy)
+        with torch.no_grad(), model.fixed_weights():
+            y = model(case["x"], case["t"])
+        assert len(spy) > before
+        assert (y - case["y"]).abs().max() < 1e-5, (case["dim"], (y - case["y"]).abs().max())
+
+
+def fake_compiler(folder, body):
+    """An executable `cc` in folder that runs the shell commands in body (and logs its calls)."""
+    path = folder / "cc"
+    path.write_text(f"#!/bin/sh\necho called >> {folder / 'calls'}\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the fake compilers are shell scripts")
+def test_building_is_cached_and_every_failure_is_a_reason_not_a_traceback(tmp_path, monkeypatch):
+    """Built once per source, flags, compiler and CPU, into XDG_CACHE_HOME; without a compiler, with
+    one that fails, or with HW2_NO_KERNELS=1, build() says why and sampling stays with torch."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("HW2_NO_KERNELS", raising=False)
+    monkeypatch.setenv("CC", str(tmp_path / "missing-cc"))
+    assert kernels.build() == (None, "no C compiler (cc) found")
+
+    failing = fake_compiler(tmp_path, 'echo "linear_attention.c:1:1: error: no such luck" >&2\nexit 1')
+    monkeypatch.setenv("CC", str(failing))
+    lib, why = kernels.build()
+    assert lib is None and why == "cc could not build it: linear_attention.c:1:1: error: no such luck"
+    assert not list((tmp_path / "cache" / "hw2-ddpm").glob("*.so"))  # nothing half-built left behind
+
+    real = tmp_path / "real"
+    real.mkdir()
+    compiler = fake_compiler(real, f'exec {os.environ.get("CC_FOR_TESTS", "cc")} "$@"')
+    monkeypatch.setenv("CC", str(compiler))
+    lib, why = kernels.build()
+    if lib is None:
+        pytest.skip(f"no working C compiler here: {why}")
+    assert kernels.build()[0] is not None
+    assert (real / "calls").read_text().count("called") == 1  # the second build found the first
+    assert len(list((tmp_path / "cache" / "hw2-ddpm").glob("linear_attention-*.so"))) == 1
+    monkeypatch.setattr(kernels, "cpu_identity", lambda: "another CPU")
+    assert kernels.build()[0] is not None
+    assert (real / "calls").read_text().count("called") == 2  # never another CPU's build
+
+    monkeypatch.setenv("HW2_NO_KERNELS", "1")
+    assert kernels.build() == (None, "HW2_NO_KERNELS is set")
+
+
+def test_without_the_kernel_sampling_runs_on_torch(monkeypatch, spy):
+    monkeypatch.setattr(kernels, "_built", {"lib": None, "why": "no C compiler (cc) found"})
+    attention = perturbed_attention(16)
+    x = torch.randn(2, 16, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(attention.folded(x), attention.direct(x), atol=1e-6, rtol=1e-4)
+    assert spy == []
+    assert kernels.status() == "no compiled kernel (no C compiler (cc) found)"
