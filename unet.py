@@ -156,9 +156,12 @@ class LayerNorm(nn.Module):
         super().__init__()
         self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
 
+    @staticmethod
+    def eps_for(dtype):
+        return 1e-5 if dtype == torch.float32 else 1e-3
+
     def forward(self, x):
-        eps = 1e-5 if x.dtype == torch.float32 else 1e-3
-        y = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.g.view(-1), None, eps)  # (B, H, W, C)
+        y = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.g.view(-1), None, self.eps_for(x.dtype))  # (B, H, W, C)
         return y.permute(0, 3, 1, 2).contiguous(memory_format=stored_as(x))  # (B, C, H, W)
 
 
@@ -203,6 +206,8 @@ class LinearAttention(nn.Module):
 
     def forward(self, x):
         _, c, h, w = x.shape
+        if kernels.takes(x, self):
+            return self.compiled(x)
         out = self.folded(x) if h * w > c else self.direct(x)
         return self.to_out[1](out)
 
@@ -226,11 +231,9 @@ class LinearAttention(nn.Module):
         levels): v = W_v x is never formed, since context = (k x^T) W_v^T / HW; the output
         conv and q's scale are folded into context before it meets q; and the result comes
         out pixel-major, as the LayerNorm after it wants. At 32 x 32 px with 16 channels it
-        is 2-4x faster than the direct form (benchmarks/README.md). While sampling on a CPU
-        it runs in hw2/kernels.py's compiled kernel where that is built; else, where base2()
-        allows, the softmaxes are taken in base 2 without their max-subtraction."""
-        if kernels.takes(x, self.heads, self.dim_head):
-            return self.compiled(x)
+        is 2-4x faster than the direct form (benchmarks/README.md). Where base2() allows,
+        the softmaxes are taken in base 2 without their max-subtraction. (While sampling on
+        a CPU, compiled() computes the same in one pass, where its kernel is built.)"""
         b, c, h, w = x.shape
         n, heads, d = h * w, self.heads, self.dim_head
         hidden = heads * d
@@ -256,16 +259,19 @@ class LinearAttention(nn.Module):
         out = torch.baddbmm(conv.bias.view(1, 1, c_out), q.view(b, n, hidden), m)  # (B, N, C_out)
         return out.view(b, h, w, c_out).permute(0, 3, 1, 2)  # (B, C_out, H, W), stored pixel-major
 
-    def compiled(self, x):
-        """folded() in one pass per image, in hw2/csrc/linear_attention.c (in float32, also under
-        bfloat16 autocast: there the result is rounded to bfloat16 once, at the end)."""
+    def compiled(self, x, norm=None):
+        """forward(norm(x)) in one pass per image, in hw2/csrc/linear_attention.c: folded() and
+        the LayerNorm after it, with `norm` (PreNorm's LayerNorm) before it when given. In
+        float32, also under bfloat16 autocast: there the result is rounded to bfloat16 once,
+        at the end (the norms take bfloat16's eps, as they would on bfloat16 maps)."""
         b, c, h, w = x.shape
         n, hidden = h * w, self.heads * self.dim_head
         w_q, w_k, w_v = self.to_qkv.weight.view(3, hidden, c)
-        conv = self.to_out[0]
+        conv, after = self.to_out
         x_t = x.flatten(2).transpose(1, 2) if x.is_contiguous() else x.permute(0, 2, 3, 1).reshape(b, n, c)
-        out = kernels.linear_attention(x_t, w_q * LOG2_E, w_k * LOG2_E, w_v, conv.weight.view(c, hidden) * (self.scale / n),
-                                       conv.bias)  # (B, N, C)
+        out = kernels.linear_attention(x_t, None if norm is None else norm.g.view(-1), w_q * LOG2_E, w_k * LOG2_E, w_v,
+                                       conv.weight.view(c, hidden) * (self.scale / n), conv.bias, after.g.view(-1),
+                                       LayerNorm.eps_for(x.dtype))  # (B, N, C)
         return out.to(x.dtype).view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), stored pixel-major
 
     def base2(self, x_t):
@@ -292,6 +298,8 @@ class PreNorm(nn.Module):
         self.fn = fn
 
     def forward(self, x):
+        if isinstance(self.fn, LinearAttention) and kernels.takes(x, self.fn):
+            return self.fn.compiled(x, self.norm)  # both norms inside the kernel's pass
         return self.fn(self.norm(x))
 
 

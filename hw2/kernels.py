@@ -1,10 +1,11 @@
-"""A compiled CPU kernel for sampling: unet.LinearAttention in one pass per image.
+"""A compiled CPU kernel for sampling: unet's PreNorm(LinearAttention) in one pass per image.
 
 At 32 x 32 px torch computes the top level's linear attention as a chain of products and
 elementwise passes, each over a 16 MiB q or k (32 images): on a 2-core laptop the two such
 blocks take a quarter of a sampling pass, mostly moving memory. hw2/csrc/linear_attention.c
-does the same per image in blocks of 16 pixels that stay in the caches: a float32 sampling
-pass 1.2x faster, a bfloat16 one 1.15x (benchmarks/README.md).
+does the same per image in blocks of 16 pixels that stay in the caches, with the LayerNorms
+before and after the attention in the same pass: a sampling pass of 32 images 1.22-1.24x
+faster in float32 and 1.21-1.22x in bfloat16 (benchmarks/README.md).
 
 It is built on first use with the machine's C compiler (`cc`, or $CC) for this CPU
 (-march=native), with OpenMP, and kept in ~/.cache/hw2-ddpm (or $XDG_CACHE_HOME/hw2-ddpm),
@@ -76,7 +77,7 @@ def build():
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, f"could not load {path}: {e}"
-    lib.hw2_linear_attention.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
+    lib.hw2_linear_attention.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_float, ctypes.c_void_p] + [ctypes.c_int] * 4
     lib.hw2_linear_attention.restype = ctypes.c_int
     lib.hw2_exp2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib, None
@@ -101,25 +102,30 @@ def status():
     return "its linear attention in a compiled kernel" if kernel() else f"no compiled kernel ({_built['why']})"
 
 
-def takes(x, heads, dim_head):
-    """Whether the kernel computes a LinearAttention of `heads` x `dim_head` on x (B, C, H, W):
-    on a CPU, without gradient, float32 or bfloat16, in the shapes it is compiled for, and
-    only once it is built."""
+def takes(x, attention):
+    """Whether the kernel computes `attention` (unet.LinearAttention) on x (B, C, H, W): the
+    homework's 4 heads of 32, where its folded form is the one torch would run (H*W > C), on a
+    CPU without gradient (sampling), float32 or bfloat16, in the shapes it is compiled for,
+    once it is built."""
     b, c, h, w = x.shape
     return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16)
-            and (heads, dim_head) == (HEADS, DIM_HEAD) and c in CHANNELS and h * w % PIXELS_PER_VECTOR == 0
-            and b > 0 and kernel() is not None)
+            and (attention.heads, attention.dim_head) == (HEADS, DIM_HEAD) and c in CHANNELS and h * w > c
+            and h * w % PIXELS_PER_VECTOR == 0 and b > 0 and kernel() is not None)
 
 
-def linear_attention(x_t, w_q, w_k, w_v, w_out, bias):
-    """x_t (B, N, C) -> (B, N, C) float32, what LinearAttention.folded computes, with log2 e
-    already folded into w_q and w_k (HID, C) and dim_head^-0.5 / N into w_out (C, HID);
-    w_v (HID, C), bias (C,)."""
+def linear_attention(x_t, g_in, w_q, w_k, w_v, w_out, bias, g_out, eps):
+    """x_t (B, N, C) -> (B, N, C) float32: LN(attention(LN(x_t) g_in)) g_out, what
+    PreNorm(LinearAttention) computes (LinearAttention alone with g_in None), LN over each
+    pixel's C channels with `eps`; log2 e is folded into w_q and w_k (HID, C), dim_head^-0.5 / N
+    into w_out (C, HID); w_v (HID, C); bias, g_in and g_out (C,)."""
     b, n, c = x_t.shape
     x_t = x_t.float().contiguous()
-    weights = [z.float().contiguous() for z in (w_q, w_k, w_v, w_out, bias)]
+    g_in = None if g_in is None else g_in.float().contiguous()
+    weights = [z.float().contiguous() for z in (w_q, w_k, w_v, w_out, bias, g_out)]
     out = torch.empty(b, n, c)
-    code = kernel().hw2_linear_attention(x_t.data_ptr(), *(z.data_ptr() for z in weights), out.data_ptr(), b, n, c, torch.get_num_threads())
+    code = kernel().hw2_linear_attention(x_t.data_ptr(), None if g_in is None else g_in.data_ptr(),
+                                         *(z.data_ptr() for z in weights), eps, out.data_ptr(), b, n, c,
+                                         torch.get_num_threads())
     if code == -2:
         raise MemoryError(f"the linear attention kernel could not allocate its scratch for {n} pixels")
     if code != 0:

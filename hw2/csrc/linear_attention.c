@@ -1,11 +1,15 @@
-/* unet.LinearAttention in one pass per image, for sampling on a CPU (hw2/kernels.py builds it).
+/* unet.LinearAttention in one pass per image, for sampling on a CPU (hw2/kernels.py builds it),
+   with the LayerNorm before it (PreNorm's) and its own LayerNorm after it.
 
    The function, per image, with x_n the C channels of pixel n (n < N) and j < HID = HEADS * D
    the hidden features (head h = j / D):
+       the norm before, per pixel:              x_n <- LN(x_n) g_in    (skipped when g_in is NULL)
        k = W_k x, softmax over the pixels:     kx[j] = sum_n softmax_n(k[j]) x_n          (HID, C)
        context, output conv and q's scale:      M[j] = W_out[:, h] (W_v[h] kx[h]^T)[:, d]^T
-       q = W_q x, softmax over each head's D:   out_n = bias + sum_j softmax_d(q_n[h])_d M[j]
-   the same reassociation as LinearAttention.folded, but q and k live only in blocks of L
+       q = W_q x, softmax over each head's D:   y_n = bias + sum_j softmax_d(q_n[h])_d M[j]
+       the norm after, per pixel:               out_n = LN(y_n) g_out
+   with LN(z) = (z - mean(z)) / sqrt(var(z) + eps) over the C channels (biased variance), as
+   unet.LayerNorm. The same reassociation as LinearAttention.folded, but q and k live only in blocks of L
    pixels that stay in the caches, where torch writes and rereads them whole (16 MiB each for 32
    images of 32 x 32 px). The caller folds log2 e into W_q and W_k, so the exponentials are 2^z,
    and dim_head^-0.5 / N into W_out. Every softmax subtracts its maximum first, as torch's does.
@@ -71,6 +75,23 @@ static inline float hsum(vf a) {
     return s;
 }
 
+static inline vf rsqrt(vf a) {
+    vf r;
+    for (int i = 0; i < L; i++) r[i] = 1.0f / sqrtf(a[i]);
+    return r;
+}
+
+/* z[c] <- LN(z)[c] g[c] for the L pixels of z (C vectors, channel-major): the norm of every pixel at once */
+static inline __attribute__((always_inline)) void layer_norm(vf *restrict z, const float *restrict g, float eps,
+                                                             const int C) {
+    vf mean = splat(0.0f), var = splat(0.0f);
+    for (int c = 0; c < C; c++) mean += z[c];
+    mean /= (float)C;
+    for (int c = 0; c < C; c++) var += (z[c] - mean) * (z[c] - mean);
+    vf inv = rsqrt(var / (float)C + eps);
+    for (int c = 0; c < C; c++) z[c] = (z[c] - mean) * inv * g[c];
+}
+
 /* out[j] = sum_c w[j][c] xt[c] for the L pixels of xt (C vectors, channel-major); w is (HID, C) */
 static inline __attribute__((always_inline)) void project(const float *restrict w, const vf *restrict xt,
                                                           vf *restrict out, const int C) {
@@ -84,21 +105,29 @@ static inline __attribute__((always_inline)) void project(const float *restrict 
 }
 
 /* One image: x (N, C) pixel-major -> out (N, C). Scratch: xt (N/L * C vectors), kt (N/L * HID
-   vectors), v (2 HID + C vectors), f (HID + 2 HID C + D + HID L floats). */
-static inline __attribute__((always_inline)) void image(const float *restrict x, const float *restrict w_q,
-                                                        const float *restrict w_k, const float *restrict w_v,
-                                                        const float *restrict w_out, const float *restrict bias,
-                                                        float *restrict out, const int N, const int C,
+   vectors), v (2 HID + C vectors), f (HID + 2 HID C + D + HID L + N C floats). */
+static inline __attribute__((always_inline)) void image(const float *restrict x_in, const float *restrict g_in,
+                                                        const float *restrict w_q, const float *restrict w_k,
+                                                        const float *restrict w_v, const float *restrict w_out,
+                                                        const float *restrict bias, const float *restrict g_out,
+                                                        float eps, float *restrict out, const int N, const int C,
                                                         vf *restrict xt, vf *restrict kt, vf *restrict v,
                                                         float *restrict f) {
     const int blocks = N / L;
     vf *kmax = v, *ksum = kmax + HID, *ot = ksum + HID;
     float *m = f, *kx = m + HID, *M = kx + HID * C, *context = M + HID * C, *e = context + D;
+    float *x = e + HID * L; /* the normed input, pixel-major (N, C) */
 
-    /* x in blocks of L pixels, channel-major: xt[b * C + c][p] = x[b L + p][c] */
-    for (int b = 0; b < blocks; b++)
+    /* x in blocks of L pixels, channel-major, xt[b * C + c][p] = x[b L + p][c], normed there; and
+       back to pixel-major, for kx's sums */
+    for (int b = 0; b < blocks; b++) {
+        vf *xb = xt + b * C;
         for (int c = 0; c < C; c++)
-            for (int p = 0; p < L; p++) xt[b * C + c][p] = x[(size_t)(b * L + p) * C + c];
+            for (int p = 0; p < L; p++) xb[c][p] = x_in[(size_t)(b * L + p) * C + c];
+        if (g_in) layer_norm(xb, g_in, eps, C);
+        for (int p = 0; p < L; p++)
+            for (int c = 0; c < C; c++) x[(size_t)(b * L + p) * C + c] = xb[c][p];
+    }
 
     /* k = W_k x for every pixel (kept: N HID floats, in the L2 cache at 32 x 32 px), its maximum per feature */
     for (int j = 0; j < HID; j++) kmax[j] = splat(-INFINITY);
@@ -177,25 +206,29 @@ static inline __attribute__((always_inline)) void image(const float *restrict x,
                 for (int i = 0; i < 16; i++) acc[i] += M[j * C + o0 + i] * q[j];
             for (int i = 0; i < 16; i++) ot[o0 + i] = acc[i];
         }
+        layer_norm(ot, g_out, eps, C);
         float *ob = out + (size_t)b * L * C;
         for (int p = 0; p < L; p++)
             for (int o = 0; o < C; o++) ob[p * C + o] = ot[o][p];
     }
 }
 
-#define IMAGE(CC)                                                                                              \
-    case CC:                                                                                                   \
-        image(x + (size_t)b * N * CC, w_q, w_k, w_v, w_out, bias, out + (size_t)b * N * CC, N, CC, xt, kt, v, f); \
+#define IMAGE(CC)                                                                                 \
+    case CC:                                                                                      \
+        image(x + (size_t)b * N * CC, g_in, w_q, w_k, w_v, w_out, bias, g_out, eps, out + (size_t)b * N * CC, N, \
+              CC, xt, kt, v, f);                                                                  \
         break;
 
-/* x (B, N, C) -> out (B, N, C), both float32 and pixel-major; w_q, w_k, w_v (HID, C); w_out (C, HID).
-   Returns 0, or -1 for a shape it does not take (N not a multiple of L, C not 16, 32, 64 or 128),
-   or -2 when its scratch could not be allocated; out is then unspecified. */
-int hw2_linear_attention(const float *x, const float *w_q, const float *w_k, const float *w_v, const float *w_out,
-                         const float *bias, float *out, int B, int N, int C, int threads) {
+/* x (B, N, C) -> out (B, N, C), both float32 and pixel-major; g_in (C) or NULL, w_q, w_k, w_v
+   (HID, C), w_out (C, HID), bias and g_out (C); eps for both norms. Returns 0, or -1 for a shape
+   it does not take (N not a multiple of L, C not 16, 32, 64 or 128), or -2 when its scratch could
+   not be allocated; out is then unspecified. */
+int hw2_linear_attention(const float *x, const float *g_in, const float *w_q, const float *w_k, const float *w_v,
+                         const float *w_out, const float *bias, const float *g_out, float eps, float *out, int B,
+                         int N, int C, int threads) {
     if (N <= 0 || N % L || (C != 16 && C != 32 && C != 64 && C != 128)) return -1;
     int failed = 0;
-    size_t nv = (size_t)N / L * (C + HID) + 2 * HID + C, nf = (size_t)HID + 2 * HID * C + D + HID * L;
+    size_t nv = (size_t)N / L * (C + HID) + 2 * HID + C, nf = (size_t)HID + 2 * HID * C + D + HID * L + (size_t)N * C;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         vf *xt = aligned_alloc(64, nv * sizeof(vf));
