@@ -118,10 +118,18 @@ def test_sampling_through_fixed_weights_equals_plain_sampling(monkeypatch):
     assert torch.allclose(fixed, plain, atol=1e-5)
 
 
-def test_images_per_pass_by_device_precision_and_size():
+def test_images_per_pass_by_device_precision_size_and_kernel(monkeypatch):
+    """Twice the images on a CPU where the attention kernel runs (its temporaries are small)."""
+    from hw2 import kernels
+
+    monkeypatch.setattr(kernels, "_built", {"lib": None, "why": "no C compiler (cc) found"})
     assert images_per_pass("cpu", 32) == 32 and images_per_pass("cpu", 32, torch.bfloat16) == 64
     assert images_per_pass("cpu", 64) == 8 and images_per_pass("cpu", 256) == 1
     assert images_per_pass("cuda", 32, torch.float16) == images_per_pass("cuda", 64) == 256
+    monkeypatch.setattr(kernels, "_built", {"lib": print, "why": None})
+    assert images_per_pass("cpu", 32) == 64 and images_per_pass("cpu", 32, torch.bfloat16) == 128
+    assert images_per_pass("cpu", 64) == 16 and images_per_pass("cpu", 30) == 36  # 900 px: torch's attention
+    assert images_per_pass("cuda", 32) == 256
 
 
 def test_generate_draws_in_passes_sized_for_its_images(monkeypatch):
@@ -130,7 +138,8 @@ def test_generate_draws_in_passes_sized_for_its_images(monkeypatch):
     passes, real = [], Diffusion.sample
     monkeypatch.setattr(Diffusion, "sample", lambda self, n, **kw: passes.append(n) or real(self, n, **kw))
     images = generate(d, 20, seed=0)
-    assert passes == [8, 8, 4] and images.shape == (20, 3, 64, 64)
+    per_pass = images_per_pass("cpu", 64)  # 8, or 16 where the attention kernel runs
+    assert passes == [per_pass] * (20 // per_pass) + [20 % per_pass] and images.shape == (20, 3, 64, 64)
 
 
 A_BLOCK_OF_A_STEP = """
