@@ -9,10 +9,11 @@
        q = W_q x, softmax over each head's D:   y_n = bias + sum_j softmax_d(q_n[h])_d M[j]
        the norm after, per pixel:               out_n = LN(y_n) g_out
    with LN(z) = (z - mean(z)) / sqrt(var(z) + eps) over the C channels (biased variance), as
-   unet.LayerNorm. The same reassociation as LinearAttention.folded, but q and k live only in blocks of L
-   pixels that stay in the caches, where torch writes and rereads them whole (16 MiB each for 32
-   images of 32 x 32 px). The caller folds log2 e into W_q and W_k, so the exponentials are 2^z,
-   and dim_head^-0.5 / N into W_out. Every softmax subtracts its maximum first, as torch's does.
+   unet.LayerNorm. The same reassociation as LinearAttention.folded, but q and k live only in
+   blocks of L pixels that stay in the caches, where torch writes and rereads them whole (16 MiB
+   each for 32 images of 32 x 32 px). The caller folds log2 e into W_q and W_k, so the
+   exponentials are 2^z, and dim_head^-0.5 / N into W_out. Every softmax subtracts its maximum
+   first, as torch's does.
 
    Vectors hold L pixels (q and k blocks are feature-major: one vector per feature) or L channels
    (kx, x); GCC's and Clang's vector extensions map them to whatever the CPU has (-march=native).
