@@ -4,8 +4,8 @@ At 32 x 32 px torch computes the top level's linear attention as a chain of prod
 elementwise passes, each over a 16 MiB q or k (32 images): on a 2-core laptop the two such
 blocks take a quarter of a sampling pass, mostly moving memory. hw2/csrc/linear_attention.c
 does the same per image in blocks of 16 pixels that stay in the caches, with the LayerNorms
-before and after the attention in the same pass: a sampling pass of 32 images 1.22-1.24x
-faster in float32 and 1.21-1.22x in bfloat16 (benchmarks/README.md).
+before and after the attention in the same pass: a sampling pass of 32 images 1.22-1.25x
+faster in float32 and 1.21-1.22x in bfloat16 (benchmarks/README.md, attention_kernel.py).
 
 It is built on first use with the machine's C compiler (`cc`, or $CC) for this CPU
 (-march=native), with OpenMP, and kept in ~/.cache/hw2-ddpm (or $XDG_CACHE_HOME/hw2-ddpm),
