@@ -67,9 +67,8 @@ def test_the_kernels_exponential_is_float32_exact_to_a_few_ulp():
     assert ((out.double() - exact) / exact).abs().max() < 3e-7
 
 
+@needs_kernel
 def test_a_shape_it_is_not_built_for_is_refused_in_words():
-    if kernels.kernel() is None:
-        pytest.skip(f"the kernel is not built here: {kernels.status()}")
     w, g = torch.zeros(128, 16), torch.ones(16)
     with pytest.raises(ValueError, match="does not take 16 channels and 36 pixels"):
         kernels.linear_attention(torch.zeros(1, 36, 16), g, w, w, w, torch.zeros(16, 128), torch.zeros(16), g, 1e-5)
