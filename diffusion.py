@@ -9,7 +9,6 @@ Conventions, held throughout the project:
 - Equation numbers refer to the homework write-up; where it has typos the code
   follows the paper and says so.
 """
-import contextlib
 import math
 
 import torch
@@ -198,17 +197,9 @@ class Diffusion(nn.Module):
         """Draw batch_size images, (B, C, H, W) in [0, 1]."""
         shape = (batch_size, self.channels, self.image_size, self.image_size)
         img = torch.randn(shape, device=self.device, generator=generator)
-        with self.fixed_weights():
-            if self.sampling_timesteps < self.num_timesteps:
-                return self.ddim_sample_loop(img, self.sampling_timesteps, generator=generator, progress=progress)
-            return self.p_sample_loop(img, generator=generator, progress=progress)
-
-    def fixed_weights(self):
-        """The network's promise that its weights stay fixed for a while (a whole reverse
-        chain), so that what depends on them alone is computed once; a no-op for networks
-        that make none (unet.Unet.fixed_weights)."""
-        fixed = getattr(self.model, "fixed_weights", None)
-        return fixed() if fixed else contextlib.nullcontext()
+        if self.sampling_timesteps < self.num_timesteps:
+            return self.ddim_sample_loop(img, self.sampling_timesteps, generator=generator, progress=progress)
+        return self.p_sample_loop(img, generator=generator, progress=progress)
 
 
 def normalize(x):

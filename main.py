@@ -9,9 +9,9 @@ Every field of hw2.config.Config is a flag of the same name; `--help` lists them
 --load_path, the checkpoint's stored settings are the defaults and the flags given win.
 """
 import argparse
+import copy
 import dataclasses
 import difflib
-import math
 import os
 import sys
 import typing
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from diffusion import Diffusion
-from hw2 import distributed, kernels
+from hw2 import distributed, fast
 from hw2.checkpoint import load_checkpoint, load_unet_weights, unet_shape, unet_weights
 from hw2.config import MODEL_FIELDS, NOT_INHERITED, Config
 from hw2.data import find_images, split_heldout, training_data
@@ -28,14 +28,13 @@ from hw2.distributed import Processes
 from hw2.errors import Interrupted, UserError
 from hw2.files import write_atomic
 from hw2.images import save_grid, save_images
-from hw2.memory import keep_freed_memory
-from hw2.precision import amp_dtype, describe_precision, use_fast_float32
+from hw2.precision import amp_dtype, describe_precision
 from hw2.runfolder import RunFolder, resolve_checkpoint
 from hw2.runlog import RunLog
-from hw2.sampling import generate, images_per_pass
+from hw2.sampling import generate
 from hw2.visualize import visualize
 from trainer import Trainer
-from unet import CPU_CHANNELS_LAST_PIXELS, Unet, sampled_base2, sampled_channels_last
+from unet import Unet
 
 
 def str2bool(value):
@@ -57,7 +56,7 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         args, unknown = self.parse_known_args(args, namespace)
         if unknown:
-            flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            flags = [f"--{f.name}" for f in dataclasses.fields(Config)]
             first = unknown[0].split("=")[0]
             close = [f for f in flags if f.startswith(first)] or difflib.get_close_matches(first, flags, n=2, cutoff=0.6)
             hint = f"; did you mean {' or '.join(close[:3])}?" if close and first.startswith("--") else ""
@@ -87,7 +86,7 @@ def parse_config(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     config = Config(**vars(parser.parse_args(argv)))
-    given = {a.dest for a in parser._actions for arg in argv if arg.split("=")[0] in a.option_strings}
+    given = {f.name for f in dataclasses.fields(Config) if f"--{f.name}" in (arg.split("=")[0] for arg in argv)}
     try:
         config.check()
     except ValueError as e:
@@ -134,8 +133,13 @@ def pick_device(name):
     return torch.device("cpu")
 
 
+def build_unet(config):
+    """The homework's U-Net, made fast (hw2.fast) unless --plain."""
+    return fast.for_run(Unet(dim=config.unet_dim, dim_mults=config.unet_dim_mults), config)
+
+
 def build_diffusion(config, device):
-    model = Unet(dim=config.unet_dim, dim_mults=config.unet_dim_mults, channels_last=config.channels_last or None)
+    model = build_unet(config)
     return Diffusion(model, image_size=config.image_size, timesteps=config.time_steps,
                      sampling_timesteps=config.sampling_timesteps).to(device)
 
@@ -151,25 +155,14 @@ def check_writable(folder):
         raise UserError(f"cannot write to --save_folder {folder} (no permission in {existing}); choose another folder")
 
 
-def print_config(config, taken, source, device, dtype, procs, memory=None):
+def print_config(config, taken, source, device, dtype, procs, model):
     print("config:" + (f" (marked *: from {source})" if taken else ""))
     for name, value in config.to_dict().items():
         print(f"  {name}: {value}" + ("  *" if name in taken else ""))
     processes = f", {procs.world} processes" if procs.distributed else ""
-    if config.channels_last:
-        how = ", every feature map channels-last"
-    elif sampled_channels_last(device, config.image_size**2):
-        side = math.isqrt(CPU_CHANNELS_LAST_PIXELS)
-        how = f", its feature maps of {side} x {side} px and larger channels-last"
-    else:
-        how = ""
-    if torch.device(device).type == "cpu":
-        how += ", " + kernels.status()
-        if not kernels.kernel() and sampled_base2(device, dtype or torch.float32):
-            how += ", its attention softmaxes in base 2"
     print(f"  (running on {device}, {describe_precision(config.amp, device, dtype)}{processes}; "
-          f"sampling {images_per_pass(device, config.image_size, dtype)} images per pass{how}"
-          f"{'; ' + memory if memory else ''})")
+          f"sampling {fast.images_per_pass(model, device, config.image_size, dtype)} images per pass; "
+          f"{fast.describe(model, device)})")
 
 
 def run(config, given=(), procs=None, procs_device=None):
@@ -183,10 +176,8 @@ def run(config, given=(), procs=None, procs_device=None):
         config, taken = settle_config(config, given, ckpt, path)
     device = procs_device or pick_device(config.device)
     dtype = amp_dtype(config.amp, device)
-    use_fast_float32(device)
-    memory = keep_freed_memory() if device.type == "cpu" else None
     if procs.main:
-        print_config(config, taken or [], path, device, dtype, procs, memory)
+        print_config(config, taken or [], path, device, dtype, procs, build_unet(config))
     training = not (config.visualize or config.sample)
     if (config.visualize or config.sample) and not procs.main:
         return None  # rank 0 draws by itself
@@ -248,7 +239,7 @@ def sampling_weights(diffusion, ckpt, path):
     """The diffusion that draws images: with the checkpoint's EMA weights when it has them."""
     if not ckpt.get("ema"):
         return diffusion
-    ema = Unet(dim=diffusion.model.dim, dim_mults=diffusion.model.dim_mults)
+    ema = copy.deepcopy(diffusion.model)  # the same network, fast or plain
     load_unet_weights(ema, {"model": ckpt["ema"]}, path)
     return diffusion.with_model(ema)
 
@@ -299,8 +290,12 @@ def summary(trainer, logger):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def main(argv=None, tune_process=False):
+    """The command line. tune_process: this call started the process (python main.py), so the
+    process-wide speed settings are its to make (hw2.fast.tune_process), unless --plain."""
     config, given = parse_config(argv)
+    if tune_process and not config.plain:
+        fast.tune_process()
     procs, finished = Processes(), False
     try:
         procs, procs_device = distributed.start(config.device)
@@ -333,4 +328,4 @@ def report(procs, message):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(tune_process=True))

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion import Diffusion
+from hw2 import fast
 from hw2.checkpoint import capture_rng, checkpoint_bytes, is_homework_checkpoint, load_unet_weights, restore_rng, \
     save_checkpoint
 from hw2.data import Batches
@@ -23,18 +24,6 @@ from hw2.plots import plot_metrics
 from hw2.precision import autocast
 from hw2.runfolder import RunFolder
 from hw2.sampling import generate
-
-
-def make_adam(params, lr):
-    """Adam, with the fused kernel where this torch has it for these tensors: one kernel for
-    all parameters instead of several per parameter. Same update; benchmarks/ measures it."""
-    params = list(params)
-    if params[0].device.type in ("cpu", "cuda"):  # fused MPS kernels are newer; not relied on
-        try:
-            return torch.optim.Adam(params, lr=lr, fused=True)
-        except (RuntimeError, TypeError, ValueError):
-            pass
-    return torch.optim.Adam(params, lr=lr)
 
 
 class Trainer:
@@ -63,7 +52,7 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DistributedDataParallel(diffusion, device_ids=ids, broadcast_buffers=False)
-        self.opt = make_adam(self.model.parameters(), config.learning_rate)
+        self.opt = fast.make_adam(self.model, config.learning_rate)
         self.amp_dtype = amp_dtype
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay else None
         self.sampler = diffusion.with_model(self.ema.model) if self.ema else diffusion  # what samples are drawn with

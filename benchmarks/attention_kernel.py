@@ -1,7 +1,7 @@
-"""What the compiled attention kernel (hw2/kernels.py) buys a sampling pass on this CPU.
+"""What the compiled attention kernel (hw2/fast/kernel.py) buys a sampling pass on this CPU.
 
 One process, the homework model (dim 16, mults 1 2 4 8) on 32 images of 32 px, alternating
-passes with the kernel and on torch alone (the same weights and inputs), in float32 and in
+passes with every lever and with every lever but the kernel (the same weights and inputs), in float32 and in
 bf16 autocast; prints the medians and the median of the paired ratios, and how far apart
 the two outputs are.
 
@@ -17,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from hw2 import kernels  # noqa: E402
-from hw2.memory import keep_freed_memory  # noqa: E402
+from hw2 import fast  # noqa: E402
+from hw2.fast import kernel  # noqa: E402
+from hw2.fast.memory import keep_freed_memory  # noqa: E402
 from hw2.precision import autocast  # noqa: E402
 from unet import Unet  # noqa: E402
 
@@ -30,28 +31,26 @@ def main():
     parser.add_argument("--images", type=int, default=32, help="images per pass")
     args = parser.parse_args()
     keep_freed_memory()  # as main.py does on a CPU
-    if kernels.kernel() is None:
-        sys.exit(f"nothing to compare: {kernels.status()}")
-    takes = kernels.takes
-    ways = {"torch": lambda x, attention: False, "kernel": takes}
+    if kernel.kernel() is None:
+        sys.exit(f"nothing to compare: {kernel.status()}")
+    ways = {"torch": [lever for lever in fast.LEVERS if lever != "attention_kernel"], "kernel": fast.LEVERS}
     torch.manual_seed(0)
     model = Unet(16).eval()
     x, t = torch.randn(args.images, 3, 32, 32), torch.full((args.images,), 25)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.images} images of 32 px per pass")
     for dtype in (None, torch.bfloat16):
         times = {way: [] for way in ways}
-        with torch.inference_mode(), model.fixed_weights(), autocast("cpu", dtype):
+        with fast.sampling(model), autocast("cpu", dtype):
             outputs = {}
-            for way, rule in ways.items():
-                kernels.takes = rule
+            for way, levers in ways.items():
+                fast.speed_up(model, levers)
                 outputs[way] = model(x, t).float()
             for _ in range(args.passes):
-                for way, rule in ways.items():
-                    kernels.takes = rule
+                for way, levers in ways.items():
+                    fast.speed_up(model, levers)
                     start = time.perf_counter()
                     model(x, t)
                     times[way].append(time.perf_counter() - start)
-        kernels.takes = takes
         torch_s, kernel_s = (times[way][2:] for way in ways)
         ratios = [a / b for a, b in zip(torch_s, kernel_s)]
         name = "float32" if dtype is None else "bf16"

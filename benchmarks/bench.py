@@ -26,7 +26,7 @@ default is what --amp auto picks here, theirs is their Trainer's default (float3
    real weights cannot be downloaded here) and peak memory while training.
 
 Both sides share one process, so malloc's settings hold for both: by default the system's
-(glibc returns freed blocks to the kernel), not main.py's on a CPU (hw2.memory keeps them);
+(glibc returns freed blocks to the kernel), not main.py's on a CPU (hw2/fast/memory.py keeps them);
 --keep_freed_memory gives both sides main.py's. benchmarks/freed_memory.py measures what
 that setting buys this project alone.
 """
@@ -50,10 +50,11 @@ sys.path.insert(0, str(ROOT))
 from diffusion import Diffusion, normalize  # noqa: E402
 from hw2.config import Config  # noqa: E402
 from hw2.data import decode, resized_side, training_data  # noqa: E402
-from hw2.memory import keep_freed_memory  # noqa: E402
+from hw2 import fast  # noqa: E402
+from hw2.fast.memory import keep_freed_memory  # noqa: E402
 from hw2.precision import amp_dtype, autocast  # noqa: E402
 from hw2.sampling import generate  # noqa: E402
-from trainer import Trainer, make_adam  # noqa: E402
+from trainer import Trainer  # noqa: E402
 from unet import Unet  # noqa: E402
 
 SIZE, BATCH, DIM, MULTS, T, LR, ACCUMULATE = 32, 32, 16, (1, 2, 4, 8), 50, 1e-3, 2
@@ -65,7 +66,7 @@ TARGETS = {"e2e": 3.0, "train float32": 1.5, "train bf16": 1.5, "sample float32"
 # the two sides
 
 def ours(channels_last=False):
-    model = Unet(DIM, dim_mults=MULTS, channels_last=True if channels_last else None)
+    model = fast.speed_up(Unet(DIM, dim_mults=MULTS), channels_last=True if channels_last else None)  # as main.py
     return Diffusion(model, image_size=SIZE, timesteps=T)
 
 
@@ -107,7 +108,7 @@ def interleaved(fns, reps, device, warmup=1, times=None):
 
 
 def train_step_fn(diffusion, device, x, fused=True, dtype=None):
-    opt = make_adam(diffusion.parameters(), LR) if fused else torch.optim.Adam(diffusion.parameters(), lr=LR)
+    opt = fast.make_adam(diffusion.model, LR) if fused else torch.optim.Adam(diffusion.parameters(), lr=LR)
 
     def step():
         for _ in range(ACCUMULATE):
@@ -406,7 +407,7 @@ def main():
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--sampling_only", action="store_true", help="only the sampling rows, each repetition shown")
     parser.add_argument("--keep_freed_memory", action="store_true",
-                        help="malloc set as main.py sets it on a CPU (hw2.memory), for both sides: one process holds both")
+                        help="malloc set as main.py sets it on a CPU (hw2/fast/memory.py), for both sides: one process holds both")
     parser.add_argument("--separate_processes", action="store_true",
                         help="with --sampling_only: every measurement in a fresh process of its own, the sides alternating")
     parser.add_argument("--sample_worker", nargs=2, metavar=("SIDE", "PRECISION"), help=argparse.SUPPRESS)

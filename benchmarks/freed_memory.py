@@ -1,11 +1,11 @@
-"""What keeping freed memory (hw2.memory, as main.py does on a CPU) buys this project.
+"""What keeping freed memory (hw2/fast/memory.py, as main.py does on a CPU) buys this project.
 
     python benchmarks/freed_memory.py            # about 3 minutes on 2 CPU cores
 
 malloc's settings hold for a whole process, so each measurement is a fresh process, the
 two settings alternating; the table gives medians of their per-process medians. Measured:
 a training step of the homework model (2 x 32 images, float32 and bf16 autocast) and a
-sampling pass (32 images float32, 64 bf16: hw2.sampling's pass sizes), with the page
+sampling pass (as many images as hw2.fast.images_per_pass draws at once), with the page
 faults each takes and the process's peak memory.
 """
 import argparse
@@ -20,23 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = """
 import json, resource, statistics, sys, time
 sys.path[:0] = [{root!r}, {root!r} + "/benchmarks"]
-from hw2.memory import keep_freed_memory
+from hw2.fast.memory import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "kept" else None
 import torch
 from bench import ours, train_step_fn
+from hw2 import fast
 from hw2.precision import autocast
-from hw2.sampling import images_per_pass
 
 dtype = None if sys.argv[2] == "float32" else torch.bfloat16
 torch.manual_seed(0)
 diffusion = ours()
 train_step = train_step_fn(diffusion, "cpu", torch.rand(32, 3, 32, 32) * 2 - 1, dtype=dtype)
 
-n = images_per_pass("cpu", 32, dtype)
+n = fast.images_per_pass(diffusion.model, "cpu", 32, dtype)
 noise, t = torch.randn(n, 3, 32, 32), torch.full((n,), 25)
 
 def sampling_pass():
-    with torch.inference_mode(), autocast("cpu", dtype), diffusion.fixed_weights():
+    with fast.sampling(diffusion.model), autocast("cpu", dtype):
         diffusion.model(noise, t)
 
 def measure(fn, reps):

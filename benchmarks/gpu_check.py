@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 from diffusion import Diffusion  # noqa: E402
 from hw2.checkpoint import load_checkpoint  # noqa: E402
 from hw2.config import Config  # noqa: E402
-from hw2.precision import amp_dtype, cuda_has_native_bf16, describe_precision, use_fast_float32  # noqa: E402
+from hw2 import fast  # noqa: E402
+from hw2.precision import amp_dtype, cuda_has_native_bf16, describe_precision  # noqa: E402
 from hw2.sampling import generate  # noqa: E402
 from trainer import Trainer  # noqa: E402
 from unet import Unet  # noqa: E402
@@ -61,7 +62,7 @@ def trainer_for(settings, device, dtype, folder, seed=0):
                     unet_dim_mults=settings["unet_dim_mults"], time_steps=settings["time_steps"],
                     batch_size=settings["batch_size"], save_folder=str(folder), seed=seed, wandb="disabled")
     torch.manual_seed(seed)
-    model = Unet(config.unet_dim, dim_mults=config.unet_dim_mults)
+    model = fast.speed_up(Unet(config.unet_dim, dim_mults=config.unet_dim_mults))  # as main.py runs it
     diffusion = Diffusion(model, image_size=config.image_size, timesteps=config.time_steps).to(device)
     side = int(config.image_size * 1.12)
     return Trainer(diffusion, config, synthetic_images(settings["images"], side), amp_dtype=dtype)
@@ -130,7 +131,8 @@ def main(argv=None):
     else:
         print("no CUDA GPU here: run it on one (Colab: Runtime > Change runtime type > T4 GPU), or use --dry-run")
         return 2
-    use_fast_float32(device)
+    if device.type == "cuda":
+        fast.tune_process()  # as main.py does
     auto = amp_dtype("auto", device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     print(f"device: {name}; torch {torch.__version__}; --amp auto gives {describe_precision('auto', device, auto)}")

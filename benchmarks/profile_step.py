@@ -5,7 +5,7 @@
 
 It times the phases of Trainer.train_step one by one (medians over the steps), the forward
 pass of sampling, and what each U-Net block costs in that forward pass, with malloc set as
-main.py sets it on a CPU (hw2.memory). The table it prints is the one in benchmarks/README.md.
+main.py sets it on a CPU (hw2/fast/memory.py), the model as main.py runs it (hw2.fast). The table it prints is the one in benchmarks/README.md.
 """
 import argparse
 import collections
@@ -23,10 +23,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from diffusion import Diffusion  # noqa: E402
 from gpu_check import synthetic_images  # noqa: E402
 from hw2.data import Batches  # noqa: E402
-from hw2.memory import keep_freed_memory  # noqa: E402
+from hw2 import fast  # noqa: E402
+from hw2.fast.memory import keep_freed_memory  # noqa: E402
 from hw2.precision import autocast  # noqa: E402
-from hw2.sampling import images_per_pass  # noqa: E402
-from trainer import make_adam  # noqa: E402
 from unet import Unet  # noqa: E402
 
 SIZE, BATCH, ACCUMULATE, T = 32, 32, 2, 50
@@ -35,8 +34,8 @@ SIZE, BATCH, ACCUMULATE, T = 32, 32, 2, 50
 def phases(dtype, steps):
     """{phase: median seconds per optimizer step}."""
     torch.manual_seed(0)
-    diffusion = Diffusion(Unet(16), image_size=SIZE, timesteps=T)
-    opt = make_adam(diffusion.parameters(), 1e-3)
+    diffusion = Diffusion(fast.speed_up(Unet(16)), image_size=SIZE, timesteps=T)
+    opt = fast.make_adam(diffusion.model, 1e-3)
     batches = Batches(synthetic_images(512, int(SIZE * 1.12)), SIZE, BATCH, seed=0)
     times = collections.defaultdict(list)
     for i in range(steps + 2):
@@ -67,8 +66,8 @@ def phases(dtype, steps):
 def blocks(dtype, reps):
     """{U-Net block: median seconds} in one sampling forward pass, and that pass's total."""
     torch.manual_seed(0)
-    model = Unet(16).eval()
-    n = images_per_pass("cpu", SIZE, dtype)
+    model = fast.speed_up(Unet(16)).eval()
+    n = fast.images_per_pass(model, "cpu", SIZE, dtype)
     x, t = torch.randn(n, 3, SIZE, SIZE), torch.full((n,), 25)
     spent, starts = collections.defaultdict(list), {}
     names = ["init_conv", "time_mlp", "mid_block1", "mid_attn", "mid_block2", "final_res_block", "final_conv"]
@@ -78,7 +77,7 @@ def blocks(dtype, reps):
         modules[name].register_forward_pre_hook(lambda m, a, name=name: starts.__setitem__(name, time.perf_counter()))
         modules[name].register_forward_hook(lambda m, a, o, name=name: spent[name].append(time.perf_counter() - starts[name]))
     totals = []
-    with torch.inference_mode(), autocast("cpu", dtype), model.fixed_weights():
+    with fast.sampling(model), autocast("cpu", dtype):
         for i in range(reps + 2):
             start = time.perf_counter()
             model(x, t)
@@ -91,7 +90,7 @@ def operators(dtype, count):
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    diffusion = Diffusion(Unet(16), image_size=SIZE, timesteps=T)
+    diffusion = Diffusion(fast.speed_up(Unet(16)), image_size=SIZE, timesteps=T)
     x = torch.rand(BATCH, 3, SIZE, SIZE) * 2 - 1
     for _ in range(2):
         with autocast("cpu", dtype):

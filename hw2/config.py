@@ -37,8 +37,10 @@ class Config:
     ema_decay: float = flag(0.0, "EMA of the weights, used for sampling, e.g. 0.995 (0 = off, the homework)")
     sampling_timesteps: int = flag(None, "sample with DDIM over this many steps (< time_steps); default: the full DDPM chain")
     heldout_images: int = flag(0, "training images kept out to measure a held-out denoising loss at milestones (0 = off)")
-    channels_last: bool = flag(False, "store every U-Net feature map channels-last (NHWC); by default only those of "
-                                    "32 x 32 px and larger, only while sampling on a CPU; see benchmarks/")
+    plain: bool = flag(False, "run the homework's network as unet.py writes it, with no speed levers (hw2/fast); "
+                              "checkpoints are the same either way")
+    channels_last: bool = flag(None, "store U-Net feature maps channels-last (NHWC): True for every map, False for none; "
+                                   "by default those of 32 x 32 px and larger while sampling on a CPU (hw2/fast)")
     amp: str = flag("auto", "mixed precision: auto (bf16/fp16 on CUDA, bf16 on CPUs with native bf16), off, bf16 or fp16")
     # outputs
     save_folder: str = flag("./results", "where checkpoints, sample images and plots go")
@@ -115,15 +117,13 @@ class Config:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
-    def differences(self, other, names):
-        """[(name, ours, theirs)] for the given fields where the two configs disagree."""
-        return [(n, getattr(self, n), getattr(other, n)) for n in names if getattr(self, n) != getattr(other, n)]
-
 
 # Fields that fix the shapes of the model's weights and its schedule: a checkpoint
 # made with other values cannot be resumed.
 MODEL_FIELDS = ("image_size", "unet_dim", "unet_dim_mults", "time_steps")
 
-# Fields a checkpoint's stored config does not supply: what to do this time, and where
-# this machine keeps things. Every other field defaults to the checkpoint's value.
-NOT_INHERITED = ("load_path", "overwrite", "visualize", "sample", "device", "cache_dir", "inception_path")
+# Fields a checkpoint's stored config does not supply: what to do this time, where this
+# machine keeps things, and how it computes them fastest. Every other field defaults to
+# the checkpoint's value.
+NOT_INHERITED = ("load_path", "overwrite", "visualize", "sample", "device", "cache_dir", "inception_path", "plain",
+                 "channels_last")

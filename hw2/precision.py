@@ -85,18 +85,6 @@ def describe_precision(choice, device, dtype):
     return f"{name} on {device.type}"
 
 
-def use_fast_float32(device):
-    """On CUDA, let float32 matrix products and convolutions use TF32 tensor cores (Ampere
-    and newer; no effect on older GPUs) and let cuDNN pick its fastest algorithms. Autocast
-    covers most of the model; this covers what stays in float32. The price: a resumed run
-    continues with the same data, noise and random states, but its floats are not bitwise
-    those of an uninterrupted run (cuDNN's choice and its atomics vary between processes)."""
-    if torch.device(device).type == "cuda":
-        torch.set_float32_matmul_precision("high")
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
-
 def autocast(device, dtype):
     """The one autocast context of the project (a no-op for float32)."""
     if dtype is None:

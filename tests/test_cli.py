@@ -91,36 +91,23 @@ def test_bad_values_are_rejected_in_one_line(args, message, capsys):
     assert message in err[-1] and "Traceback" not in "".join(err)
 
 
-@pytest.mark.parametrize("size,flag,says", [
-    (32, False, "its feature maps of 32 x 32 px and larger channels-last"),
-    (16, False, None),
-    (16, True, "every feature map channels-last"),
-])
-def test_the_startup_line_says_which_maps_are_stored_channels_last(capsys, size, flag, says):
+@pytest.mark.parametrize("device,plain,kernel", [
+    ("cpu", False, True), ("cpu", False, False), ("cpu", True, True), ("meta", False, True)])
+def test_the_startup_line_says_whether_the_network_is_fast(capsys, monkeypatch, device, plain, kernel):
+    """hw2.fast's line: the levers, the compiled kernel where it is built (on a CPU), else why not;
+    with --plain, that the homework's network runs as written."""
     from hw2.distributed import Processes
+    from hw2.fast import kernel as compiled
 
-    config, _ = main.parse_config(["--image_size", str(size), *(["--channels_last"] if flag else [])])
-    main.print_config(config, [], None, torch.device("cpu"), None, Processes())
+    monkeypatch.setattr(compiled, "_built", {"lib": print if kernel else None, "why": "no C compiler (cc) found"})
+    config, _ = main.parse_config(["--plain"] if plain else [])
+    main.print_config(config, [], None, torch.device(device), None, Processes(), main.build_unet(config))
     startup = capsys.readouterr().out.strip().splitlines()[-1]
-    assert startup.startswith("  (running on cpu")
-    assert ("channels-last" in startup) == (says is not None) and (says is None or says in startup), startup
-
-
-@pytest.mark.parametrize("device,dtype,kernel,base2", [
-    ("cpu", None, True, False), ("cpu", torch.bfloat16, True, False),
-    ("cpu", None, False, True), ("cpu", torch.bfloat16, False, False), ("meta", None, True, False)])
-def test_the_startup_line_says_how_sampling_computes_the_attention(capsys, monkeypatch, device, dtype, kernel, base2):
-    """The compiled kernel where it is built (on a CPU); else why not, and base 2 in float32."""
-    from hw2 import kernels
-    from hw2.distributed import Processes
-
-    monkeypatch.setattr(kernels, "_built", {"lib": print if kernel else None, "why": "no C compiler (cc) found"})
-    config, _ = main.parse_config([])
-    main.print_config(config, [], None, torch.device(device), dtype, Processes())
-    startup = capsys.readouterr().out.strip().splitlines()[-1]
-    assert ("its linear attention in a compiled kernel" in startup) == (kernel and device == "cpu"), startup
-    assert ("no compiled kernel (no C compiler (cc) found)" in startup) == (not kernel and device == "cpu"), startup
-    assert ("attention softmaxes in base 2" in startup) == base2, startup
+    assert startup.startswith(f"  (running on {device}")
+    assert ("no speed levers (--plain)" in startup) == plain, startup
+    assert ("speed levers on" in startup) == (not plain), startup
+    assert ("its linear attention in a compiled kernel" in startup) == (kernel and device == "cpu" and not plain)
+    assert ("no compiled kernel (no C compiler (cc) found)" in startup) == (not kernel and device == "cpu")
 
 
 def test_training_run_writes_every_file(image_root, tmp_path):

@@ -10,15 +10,13 @@ HOMEWORK_PARAMETERS = {(16, (1, 2, 4, 8)): 2_465_827, (8, (1, 2, 4)): 214_099}
 
 
 @needs_golden
-@pytest.mark.parametrize("channels_last,grad", [(None, False), (None, True), (True, False), (False, False)],
-                         ids=["auto-sampling", "auto-training", "channels-last", "contiguous"])
-def test_the_starters_weights_give_the_starters_outputs(channels_last, grad):
-    """In every memory layout: by default (no gradient, on a CPU) the 32 px case runs its
-    top level channels-last and the rest as usual; with a gradient it runs all of it as usual."""
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_starters_weights_give_the_starters_outputs(grad):
+    """unet.py as it stands (tests/test_fast.py holds the fast model to the same numbers)."""
     cases = golden_cases()
     assert len(cases) == 2
     for case in cases:
-        model = Unet(dim=case["dim"], dim_mults=tuple(case["dim_mults"]), channels_last=channels_last)
+        model = Unet(dim=case["dim"], dim_mults=tuple(case["dim_mults"]))
         model.load_state_dict(case["state_dict"], strict=True)
         model.eval()
         assert sum(p.numel() for p in model.parameters()) == case["num_parameters"]

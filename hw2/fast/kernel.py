@@ -1,11 +1,10 @@
 """A compiled CPU kernel for sampling: unet's PreNorm(LinearAttention) in one pass per image.
 
 At 32 x 32 px torch computes the top level's linear attention as a chain of products and
-elementwise passes, each over a 16 MiB q or k (32 images): on a 2-core laptop the two such
-blocks take a quarter of a sampling pass, mostly moving memory. hw2/csrc/linear_attention.c
-does the same per image in blocks of 16 pixels that stay in the caches, with the LayerNorms
-before and after the attention in the same pass: a sampling pass of 32 images 1.22-1.25x
-faster in float32 and 1.21-1.22x in bfloat16 (benchmarks/README.md, attention_kernel.py).
+elementwise passes, each over a q or k of 128 features per pixel, written and reread whole:
+memory-bound. hw2/fast/csrc/linear_attention.c does the same per image in blocks of 16 pixels
+that stay in the caches, with the LayerNorms before and after the attention in the same pass
+(what it buys: benchmarks/README.md).
 
 It is built on first use with the machine's C compiler (`cc`, or $CC) for this CPU
 (-march=native), with OpenMP, and kept in ~/.cache/hw2-ddpm (or $XDG_CACHE_HOME/hw2-ddpm),
@@ -24,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+import unet
 
 SOURCE = Path(__file__).parent / "csrc" / "linear_attention.c"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
@@ -104,18 +105,20 @@ def status():
 
 def takes(x, attention):
     """Whether the kernel computes `attention` (unet.LinearAttention) on x (B, C, H, W): the
-    homework's 4 heads of 32, where its folded form is the one torch would run (H*W > C), on a
-    CPU without gradient (sampling), float32 or bfloat16, in the shapes it is compiled for,
-    once it is built."""
+    homework's 4 heads of 32, where the folded form is the faster one (H*W > C), on a CPU,
+    float32 or bfloat16, in the shapes it is compiled for, once it is built. (Its callers
+    take it only while sampling: it computes no gradient.)"""
     b, c, h, w = x.shape
-    return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16)
-            and (attention.heads, attention.dim_head) == (HEADS, DIM_HEAD) and c in CHANNELS and h * w > c
+    dim_head = attention.to_qkv.weight.shape[0] // (3 * attention.heads)
+    return (isinstance(attention, unet.LinearAttention) and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and (attention.heads, dim_head) == (HEADS, DIM_HEAD) and c in CHANNELS and h * w > c
             and h * w % PIXELS_PER_VECTOR == 0 and b > 0 and kernel() is not None)
 
 
 def linear_attention(x_t, g_in, w_q, w_k, w_v, w_out, bias, g_out, eps):
     """x_t (B, N, C) -> (B, N, C) float32: LN(attention(LN(x_t) g_in)) g_out, what
-    PreNorm(LinearAttention) computes (LinearAttention alone with g_in None), LN over each
+    PreNorm(LinearAttention) computes, LN over each
     pixel's C channels with `eps`; log2 e is folded into w_q and w_k (HID, C), dim_head^-0.5 / N
     into w_out (C, HID); w_v (HID, C); bias, g_in and g_out (C,)."""
     b, n, c = x_t.shape

@@ -1,4 +1,4 @@
-/* unet.LinearAttention in one pass per image, for sampling on a CPU (hw2/kernels.py builds it),
+/* unet.LinearAttention in one pass per image, for sampling on a CPU (hw2/fast/kernel.py builds it),
    with the LayerNorm before it (PreNorm's) and its own LayerNorm after it.
 
    The function, per image, with x_n the C channels of pixel n (n < N) and j < HID = HEADS * D
@@ -9,7 +9,7 @@
        q = W_q x, softmax over each head's D:   y_n = bias + sum_j softmax_d(q_n[h])_d M[j]
        the norm after, per pixel:               out_n = LN(y_n) g_out
    with LN(z) = (z - mean(z)) / sqrt(var(z) + eps) over the C channels (biased variance), as
-   unet.LayerNorm. The same reassociation as LinearAttention.folded, but q and k live only in
+   unet.LayerNorm. The same reassociation as hw2/fast/layers.py FoldedLinearAttention, but q and k live only in
    blocks of L pixels that stay in the caches, where torch writes and rereads them whole (16 MiB
    each for 32 images of 32 x 32 px). The caller folds log2 e into W_q and W_k, so the
    exponentials are 2^z, and dim_head^-0.5 / N into W_out. Every softmax subtracts its maximum

@@ -1,0 +1,153 @@
+"""What each speed lever of hw2/fast buys the homework's two CPU runs, measured on and off.
+
+    python benchmarks/levers.py                 # default precision and float32, about 6 minutes on 2 cores
+    python benchmarks/levers.py --amp off       # float32 only
+
+For every lever, the homework model (32 px, dim 16, mults 1 2 4 8, T = 50) runs with every
+lever on, and with every lever on but that one (leave one out), the configurations
+interleaved within each repetition so that all see the same load; the plain network (no
+levers, `main.py --plain`) runs beside them. Two figures per configuration, medians over the
+repetitions:
+- a training step: 2 forward/backward passes of 32 images and an Adam step;
+- sampling: one network evaluation of a pass of images (as many as hw2.fast.images_per_pass
+  says), per image.
+These project the homework's two runs:
+- the recommended run: 10,000 steps, and a grid of 64 images at each of 10 milestones and at
+  the end (704 images, 50 evaluations each);
+- the FID experiment: 1,000 steps, 512 images at each of 10 milestones and a final grid of 64
+  (5,184 images).
+A lever's gain is what the run takes without it minus what it takes with every lever, as a
+share of the latter. The projection leaves out what no lever touches (data loading, FID's
+Inception features, writing files), so the shares are upper bounds. Process-wide levers
+(freed memory) are measured by benchmarks/freed_memory.py, in fresh processes.
+"""
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffusion import Diffusion  # noqa: E402
+from hw2 import fast  # noqa: E402
+from hw2.precision import amp_dtype, autocast  # noqa: E402
+from unet import Unet  # noqa: E402
+
+SIZE, BATCH, ACCUMULATE, DIM, MULTS, T = 32, 32, 2, 16, (1, 2, 4, 8), 50
+RUNS = {"recommended run": (10_000, 11 * 64), "FID experiment": (1_000, 10 * 512 + 64)}  # (steps, images drawn)
+
+
+def configurations():
+    """name -> levers (None: the plain network)."""
+    configs = {"every lever": fast.LEVERS, "plain network": None}
+    for lever in fast.LEVERS:
+        configs[f"without {lever}"] = tuple(x for x in fast.LEVERS if x != lever)
+    return configs
+
+
+def prepare(model, levers):
+    fast.plain(model)
+    if levers is not None:
+        fast.speed_up(model, levers)
+    return model
+
+
+def train_seconds(diffusion, dtype, steps):
+    """Median seconds of `steps` training steps, after one to warm up."""
+    model = diffusion.model
+    opt = fast.make_adam(model, 1e-3)
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        model.train()
+        for _ in range(ACCUMULATE):
+            x = torch.rand(BATCH, 3, SIZE, SIZE) * 2 - 1
+            with autocast("cpu", dtype):
+                loss = diffusion(x) / ACCUMULATE
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sample_seconds_per_image(model, dtype, evaluations):
+    """Median seconds per image of one network evaluation in a sampling pass, after one to warm up."""
+    n = fast.images_per_pass(model, "cpu", SIZE, dtype)
+    model.eval()
+    times = []
+    with fast.sampling(model), autocast("cpu", dtype):
+        x = torch.randn(n, 3, SIZE, SIZE)
+        for i in range(evaluations + 1):
+            t = torch.full((n,), T - 1 - i, dtype=torch.long)
+            start = time.perf_counter()
+            model(x, t)
+            if i:
+                times.append((time.perf_counter() - start) / n)
+    return statistics.median(times)
+
+
+def project(step_s, image_s):
+    """{run: hours} from a training step's and an image evaluation's seconds."""
+    return {run: (steps * step_s + images * T * image_s) / 3600 for run, (steps, images) in RUNS.items()}
+
+
+def measure(dtype, reps, steps, evaluations):
+    torch.manual_seed(0)
+    diffusion = Diffusion(Unet(DIM, dim_mults=MULTS), image_size=SIZE, timesteps=T)
+    configs = configurations()
+    step, image = {name: [] for name in configs}, {name: [] for name in configs}
+    for rep in range(reps):
+        order = list(configs)
+        random.Random(rep).shuffle(order)
+        for name in order:
+            prepare(diffusion.model, configs[name])
+            step[name].append(train_seconds(diffusion, dtype, steps))
+            image[name].append(sample_seconds_per_image(diffusion.model, dtype, evaluations))
+        print(f"  repetition {rep + 1} of {reps} done", file=sys.stderr, flush=True)
+    return {name: (statistics.median(step[name]), statistics.median(image[name])) for name in configs}
+
+
+def report(label, figures):
+    every = project(*figures["every lever"])
+    runs = list(RUNS)
+    print(f"\n### {label}\n")
+    print("| configuration | training step, s | sampling, ms per image evaluation | "
+          + " | ".join(f"{run}, h (gain of the lever)" for run in runs) + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in runs) + " |")
+    for name, (step_s, image_s) in figures.items():
+        hours = project(step_s, image_s)
+        cells = []
+        for run in runs:
+            gain = (hours[run] - every[run]) / every[run]
+            cells.append(f"{hours[run]:.3f}" + ("" if name == "every lever" else f" ({gain:+.1%})"))
+        print(f"| {name} | {step_s:.3f} | {image_s * 1e3:.2f} | " + " | ".join(cells) + " |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--amp", choices=("auto", "off", "both"), default="both",
+                        help="auto: what main.py picks here; off: float32; both (default)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions (medians are reported)")
+    parser.add_argument("--steps", type=int, default=2, help="timed training steps per configuration and repetition")
+    parser.add_argument("--evaluations", type=int, default=4, help="timed sampling evaluations per configuration "
+                                                                   "and repetition")
+    args = parser.parse_args()
+    fast.tune_process()  # as main.py does
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {fast.describe(fast.speed_up(Unet(8)), 'cpu')}")
+    choices = {"auto": ["auto"], "off": ["off"], "both": ["auto", "off"]}[args.amp]
+    for choice in dict.fromkeys(choices):
+        dtype = amp_dtype(choice, "cpu")
+        label = {None: "float32", torch.bfloat16: "bf16 autocast"}[dtype] + f" (--amp {choice})"
+        print(f"measuring {label} ...", file=sys.stderr, flush=True)
+        report(label, measure(dtype, args.reps, args.steps, args.evaluations))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Speed, beside the homework's network: every lever that makes training or sampling faster
+without changing what is computed. unet.py stays the starter's network; this package swaps
+equivalents into it (same parameters, same state_dict keys, so checkpoints are the same either
+way), and `main.py --plain` runs without any of them. hw2/fast/README.md lists the levers:
+where each applies, what it buys on the homework's runs, and the test that holds it equal to
+unet.py.
+
+Entry points, the only names the rest of the project uses:
+    for_run(model, config)        model (a unet.Unet) as a run's Config asks: fast, unless --plain
+    speed_up(model)               make a unet.Unet fast, in place (plain(model) undoes it)
+    sampling(model)               the context for a reverse chain: the sampling-only levers
+    images_per_pass(model, ...)   how many images one pass of the reverse chain draws
+    make_adam(model, lr)          the optimizer
+    tune_process()                process-wide settings, once, where the process starts
+    describe(model, device, dtype) the start-up line's words
+"""
+import torch
+
+from hw2.fast import kernel
+from hw2.fast.memory import keep_freed_memory
+from hw2.fast.network import NETWORK_LEVERS, RUN_LEVERS, is_fast, plain
+from hw2.fast.network import speed_up as _speed_up
+from hw2.fast.sampling import images_per_pass, sampling
+
+LEVERS = NETWORK_LEVERS + RUN_LEVERS  # the model's levers; tune_process() sets the process's
+_process = {}  # what tune_process() did in this process: {"freed_memory": note or None}
+
+__all__ = ["LEVERS", "for_run", "speed_up", "plain", "is_fast", "sampling", "images_per_pass", "make_adam", "tune_process",
+           "describe"]
+
+
+def speed_up(model, levers=LEVERS, channels_last=None):
+    """model (a unet.Unet), fast in place; channels_last: True (every map), False (none) or
+    None (the default: sampling's large maps on a CPU)."""
+    return _speed_up(model, levers, channels_last)
+
+
+def for_run(model, config):
+    """model as the run's hw2.config.Config asks: plain with --plain, else fast, with its
+    --channels_last (None: the default rule)."""
+    return plain(model) if config.plain else speed_up(model, channels_last=config.channels_last)
+
+
+def make_adam(model, lr):
+    """Adam over model's parameters. fused_adam: the fused kernel where this torch has it for
+    these tensors (one kernel for all parameters instead of several per parameter; the same
+    update)."""
+    params = list(model.parameters())
+    if is_fast(model) and "fused_adam" in model.levers and params[0].device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.Adam(params, lr=lr, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.Adam(params, lr=lr)
+
+
+def tune_process():
+    """Process-wide levers, set once where the process starts (main.py run as a script):
+    freed_memory (glibc's malloc keeps freed blocks for reuse: hw2/fast/memory.py) and tf32
+    (on CUDA, float32 products and convolutions on TF32 tensor cores, Ampere and newer, and
+    cuDNN's autotuner; the price: a resumed run is not bitwise an uninterrupted one)."""
+    _process["freed_memory"] = keep_freed_memory()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
+def describe(model, device):
+    """One line for the start-up line: the levers in use, or that there are none."""
+    if not is_fast(model):
+        return "the homework's network as written, no speed levers (--plain)"
+    words = [f"speed levers on ({len(model.levers)} of {len(LEVERS)}; --plain for none)"]
+    if torch.device(device).type == "cpu" and "attention_kernel" in model.levers:
+        words.append(kernel.status())
+    if _process.get("freed_memory"):
+        words.append(_process["freed_memory"])
+    return ", ".join(words)
