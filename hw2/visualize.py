@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from diffusion import unnormalize
+from hw2 import fast
 from hw2.data import Batches
 from hw2.plots import pyplot, save_figure
 from hw2.precision import autocast
@@ -77,7 +78,7 @@ def visualize(diffusion, sampler, images, config, amp_dtype=None, logger=None):
     ts = step_indices(config.time_steps)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     forward = forward_images(diffusion, x_0, ts, generator)
-    with autocast(device, amp_dtype):
+    with fast.sampling(sampler.model), autocast(device, amp_dtype):
         backward = [x.float() for x in backward_images(sampler, forward[-1], ts, generator)]
 
     folder = Path(config.save_folder)

@@ -83,32 +83,6 @@ def test_the_fused_layer_norm_is_the_homeworks_and_keeps_the_layout(precision, l
     assert ours(x).is_contiguous(memory_format=layout)
 
 
-def test_standardized_kernels_are_kept_only_while_sampling_and_only_with_the_lever():
-    torch.manual_seed(0)
-    model = fast.speed_up(unet.Unet(8, dim_mults=(1, 2)).eval())
-    conv = next(m for m in model.modules() if isinstance(m, layers.WeightStandardizedConv2d))
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 7])
-    with torch.no_grad():
-        plain = model(x, t)
-    assert "fixed" not in vars(conv)  # nothing kept outside sampling
-    with fast.sampling(model):
-        assert torch.allclose(model(x, t), plain, atol=1e-6)
-        assert set(vars(conv)["fixed"]) == {1e-5}
-        assert torch.allclose(model(x, t), plain, atol=1e-6)  # and again, from the kept kernels
-    assert "fixed" not in vars(conv) and "fixed_time" not in vars(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1.1)
-        after = model(x, t)
-    with fast.sampling(model):
-        assert torch.allclose(model(x, t), after, atol=1e-6)  # nothing stale from the first chain
-    assert not torch.allclose(after, plain)
-    fast.speed_up(model, [lever for lever in fast.LEVERS if lever != "fixed_weights"])
-    with fast.sampling(model):
-        model(x, t)
-        assert "fixed" not in vars(conv) and "fixed_time" not in vars(model)
-
-
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_the_time_modulation_inside_groupnorms_affine_is_the_homeworks(precision, layout):
@@ -204,20 +178,6 @@ def test_the_sub_pixel_upsample_is_the_homeworks(precision, layout):
     x = torch.randn(2, 6, 5, 7).contiguous(memory_format=layout)
     assert_same_function(homework, ours, x, dtype=dtype, atol=atol, rtol=rtol)
     assert ours(x).shape == (2, 4, 10, 14)
-
-
-def test_the_time_mlps_as_one_matmul_are_each_blocks_own():
-    """FastUnet.scale_shifts against each ResNet block's own mlp; a copy of the model (the EMA's)
-    modulates its own blocks."""
-    model = fast.speed_up(perturbed(unet.Unet(8, dim_mults=(1, 2)), scale=0.1))
-    t = model.time_mlp(torch.tensor([0, 17, 49]))
-    joint = model.scale_shifts(t)
-    assert list(joint) == [m for m in model.modules() if isinstance(m, unet.ResnetBlock)]
-    for block, (scale, shift) in joint.items():
-        own_scale, own_shift = block.mlp(t)[:, :, None, None].chunk(2, dim=1)
-        assert torch.allclose(scale, own_scale, atol=1e-6) and torch.allclose(shift, own_shift, atol=1e-6)
-    twin = copy.deepcopy(model)
-    assert set(twin.scale_shifts(t)) == {m for m in twin.modules() if isinstance(m, unet.ResnetBlock)}
 
 
 def stored_channels_last(model, x, t):

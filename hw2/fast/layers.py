@@ -37,29 +37,12 @@ def pixel_major(x):
 class WeightStandardizedConv2d(unet.WeightStandardizedConv2d):
     """The standardization, (w - mean) / sqrt(var + eps) per output channel with the biased
     variance, is a layer norm without gain or bias over each output channel's kernel, so
-    F.layer_norm computes it in one fused pass. With `keep_fixed` (hw2.fast's fixed_weights
-    lever), while sampling, when the weights stay as they are, each standardized kernel is
-    computed once per reverse chain (per eps) and reused."""
-
-    keep_fixed = False
-
-    def standardized(self, eps):
-        w = self.weight
-        return F.layer_norm(w.reshape(w.shape[0], -1), (w[0].numel(),), eps=eps).view_as(w)
+    F.layer_norm computes it in one fused pass."""
 
     def forward(self, x):
-        eps = eps_for(x.dtype)
-        fixed = self.__dict__.setdefault("fixed", {}) if self.keep_fixed and sampling_now() else None
-        if fixed is None:
-            w = self.standardized(eps)
-        elif eps in fixed:
-            w = fixed[eps]
-        else:
-            w = fixed[eps] = self.standardized(eps)
+        w = self.weight  # (O, I, k, k)
+        w = F.layer_norm(w.reshape(w.shape[0], -1), (w[0].numel(),), eps=eps_for(x.dtype)).view_as(w)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def end_sampling(self):
-        self.__dict__.pop("fixed", None)
 
 
 class LayerNorm(unet.LayerNorm):

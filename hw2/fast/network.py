@@ -1,10 +1,8 @@
 """The fast U-Net: unet.Unet with hw2/fast/layers.py's equivalents swapped in, and a forward
-that adds the two levers that span the whole network (the joint time MLP, the channels-last
-rule). speed_up() makes a unet.Unet fast in place and plain() undoes it; parameters, their
+that adds the lever that spans the whole network (the channels-last rule). speed_up() makes a unet.Unet fast in place and plain() undoes it; parameters, their
 names and the state_dict stay the homework's, so checkpoints are the same either way.
 """
 import torch
-import torch.nn.functional as F
 
 import unet
 from hw2.fast import layers
@@ -19,8 +17,8 @@ SWAPS = {
     "folded_attention": [(unet.LinearAttention, layers.FoldedLinearAttention), (unet.Residual, layers.Residual)],
     "modulation_in_norm": [(unet.Block, layers.Block)],
 }
-NETWORK_LEVERS = ("fused_norms", "fixed_weights", "folded_attention", "base2_softmax", "attention_kernel",
-                  "modulation_in_norm", "joint_time_mlp", "sub_pixel_upsample", "channels_last")
+NETWORK_LEVERS = ("fused_norms", "folded_attention", "base2_softmax", "attention_kernel", "modulation_in_norm",
+                  "sub_pixel_upsample", "channels_last")
 RUN_LEVERS = ("pass_size", "fused_adam")  # read off the model by hw2.fast's entry points
 
 
@@ -31,44 +29,13 @@ def sampled_channels_last(device, pixels):
 
 
 class FastUnet(unet.Unet):
-    """unet.Unet.forward, step for step, with two levers:
-    - joint_time_mlp: the ResNet blocks' small time MLPs (SiLU, Linear) as one matmul, their
-      weights gathered at every call (with fixed_weights, once per reverse chain while sampling);
-    - channels_last: every feature map stored channels-last (True), none (False), or by the
-      default rule, sampled_channels_last (None). The layout changes speed, never the function.
-    `levers` is the set hw2.fast.speed_up was given."""
+    """unet.Unet.forward, step for step, with the channels_last lever: every feature map stored
+    channels-last (True), none (False), or by the default rule, sampled_channels_last (None).
+    The layout changes speed, never the function. `levers` is the set hw2.fast.speed_up was
+    given."""
 
     levers = frozenset()
     channels_last = None
-
-    def resnets(self):
-        return [m for m in self.modules() if isinstance(m, unet.ResnetBlock)]
-
-    def time_weights(self):
-        """The ResNet blocks' time-MLP weights, gathered: weight (2 * sum C, time_dim) with every
-        block's scale rows first, then every block's shift rows; bias (2 * sum C,)."""
-        linears = [block.mlp[1] for block in self.resnets()]
-        weight = torch.cat([lin.weight.view(2, lin.out_features // 2, -1) for lin in linears], dim=1).flatten(0, 1)
-        bias = torch.cat([lin.bias.view(2, -1) for lin in linears], dim=1).flatten()
-        return weight, bias
-
-    def scale_shifts(self, t):
-        """t (B, time_dim) -> {ResNet block: (scale, shift)}, (B, C, 1, 1) each: what each
-        block's own mlp computes from t, for all blocks in one matmul."""
-        keep = "fixed_weights" in self.levers and sampling_now()
-        fixed = self.__dict__.get("fixed_time") if keep else None
-        if fixed is None:
-            fixed = self.time_weights()
-            if keep:
-                self.__dict__["fixed_time"] = fixed
-        scale, shift = F.linear(F.silu(t), *fixed).chunk(2, dim=1)  # (B, sum C) each
-        blocks = self.resnets()
-        sizes = [block.mlp[1].out_features // 2 for block in blocks]
-        return {block: (s[:, :, None, None], h[:, :, None, None])
-                for block, s, h in zip(blocks, scale.split(sizes, dim=1), shift.split(sizes, dim=1))}
-
-    def end_sampling(self):
-        self.__dict__.pop("fixed_time", None)
 
     def layout(self, x):
         """The memory format for feature map x (B, C, H, W)."""
@@ -85,46 +52,26 @@ class FastUnet(unet.Unet):
         r = x
 
         t = self.time_mlp(time)  # (B, 4 dim)
-        if "joint_time_mlp" in self.levers:
-            per_block = self.scale_shifts(t)
-
-            def run(block, x):
-                return block(x, per_block[block])  # layers' ResnetBlock takes the pair
-        else:
-            def run(block, x):
-                return block(x, t)
 
         h = []
         for block1, block2, attn, downsample in self.downs:
-            x = run(block1, x)
+            x = block1(x, t)
             h.append(x)
-            x = attn(run(block2, x))
+            x = attn(block2(x, t))
             h.append(x)
             x = downsample(x)
             x = x.contiguous(memory_format=self.layout(x))
 
-        x = run(self.mid_block2, self.mid_attn(run(self.mid_block1, x)))
+        x = self.mid_block2(self.mid_attn(self.mid_block1(x, t)), t)
 
         for block1, block2, attn, upsample in self.ups:
-            x = run(block1, torch.cat((x, h.pop()), dim=1))
-            x = attn(run(block2, torch.cat((x, h.pop()), dim=1)))
+            x = block1(torch.cat((x, h.pop()), dim=1), t)
+            x = attn(block2(torch.cat((x, h.pop()), dim=1), t))
             # stored, before it is upsampled, as the map it will be concatenated with
             x = upsample(x.contiguous(memory_format=layers.stored_as(h[-1] if h else r)))
 
-        x = run(self.final_res_block, torch.cat((x, r), dim=1))
+        x = self.final_res_block(torch.cat((x, r), dim=1), t)
         return self.final_conv(x)
-
-
-class ResnetBlock(unet.ResnetBlock):
-    """unet.ResnetBlock that also takes its time scale and shift precomputed (FastUnet's
-    joint_time_mlp) in place of the time embedding."""
-
-    def forward(self, x, time_emb=None):
-        if not isinstance(time_emb, tuple):
-            return super().forward(x, time_emb)
-        h = self.block1(x, scale_shift=time_emb)
-        h = self.block2(h)
-        return h + self.res_conv(x)
 
 
 def swap(module, cls):
@@ -148,14 +95,10 @@ def speed_up(model, levers, channels_last=None):
     for module in model.modules():
         if isinstance(module, layers.FoldedLinearAttention):
             module.base2 = "base2_softmax" in levers
-        if isinstance(module, layers.WeightStandardizedConv2d):
-            module.keep_fixed = "fixed_weights" in levers
         if "attention_kernel" in levers and type(module) is unet.PreNorm and isinstance(module.fn, unet.LinearAttention):
             swap(module, layers.KernelPreNorm)
         if "sub_pixel_upsample" in levers and layers.is_upsample(module):
             swap(module, layers.SubPixelUpsample)
-        if "joint_time_mlp" in levers and type(module) is unet.ResnetBlock:
-            swap(module, ResnetBlock)
     swap(model, FastUnet)
     model.levers = frozenset(levers)
     model.channels_last = channels_last
@@ -169,10 +112,8 @@ def plain(model):
         for cls in type(module).__mro__:
             if cls in homework_classes or cls is torch.nn.Sequential:
                 if type(module) is not cls:
-                    for name in ("base2", "keep_fixed", "fixed", "fixed_time"):
+                    for name in ("base2", "levers", "channels_last"):  # what speed_up set
                         module.__dict__.pop(name, None)
-                    module.__dict__.pop("levers", None)
-                    module.__dict__.pop("channels_last", None)
                     swap(module, cls)
                 break
     return model

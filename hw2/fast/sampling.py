@@ -16,19 +16,14 @@ CPU_KERNEL_PASS_BYTES = 2**18  # the same where the attention kernel runs (64 im
 @contextlib.contextmanager
 def sampling(model):
     """Inference over many passes while model's weights stay as they are (a whole reverse chain):
-    no gradient, and the levers that hold only then (kernels standardized once, the attention
-    kernel, channels-last maps on a CPU, base-2 softmaxes) switch on. For a plain model it is
-    torch.inference_mode() alone."""
+    no gradient, and the levers that hold only then (the attention kernel, channels-last maps
+    on a CPU, base-2 softmaxes) switch on. For a plain model it is torch.inference_mode() alone."""
     token = set_sampling(True)
     try:
         with torch.inference_mode():
             yield model
     finally:
         reset_sampling(token)
-        for module in model.modules():
-            end = getattr(module, "end_sampling", None)
-            if end:
-                end()
 
 
 def images_per_pass(model, device, image_size, amp_dtype=None):
