@@ -105,7 +105,7 @@ def fid_from_features(features, mu2, sigma2):
     the nonzero eigenvalues of sigma1 sigma2 are those of the n x n matrix X sigma2 X^T / (n - 1),
     so Tr (sigma1 sigma2)^(1/2) is the sum of their square roots. For 512 samples of
     Inception's 2048 features that is one 512 x 512 symmetric eigenproblem instead of a
-    2048 x 2048 sqrtm (about 15 s on a 2-core CPU)."""
+    2048 x 2048 sqrtm, which takes seconds on a laptop CPU."""
     n, d = features.shape
     if n > d:
         return frechet_distance(*_stats(features), mu2, sigma2)

@@ -19,6 +19,7 @@ from diffusion import Diffusion
 from hw2 import fast
 from hw2.fast import kernel, layers
 from hw2.fast.network import FastUnet
+from hw2.fast.state import sampling_now
 from hw2.precision import autocast
 from hw2.sampling import generate
 
@@ -238,10 +239,13 @@ def test_generate_draws_in_passes_sized_for_its_images(monkeypatch):
     torch.manual_seed(0)
     d = Diffusion(fast.speed_up(unet.Unet(8, dim_mults=(1, 2))), image_size=64, timesteps=2)
     passes, real = [], Diffusion.sample
-    monkeypatch.setattr(Diffusion, "sample", lambda self, n, **kw: passes.append(n) or real(self, n, **kw))
+    monkeypatch.setattr(Diffusion, "sample",
+                        lambda self, n, **kw: passes.append((n, sampling_now())) or real(self, n, **kw))
     images = generate(d, 20, seed=0)
     per_pass = fast.images_per_pass(d.model, "cpu", 64)  # 8, or 16 where the attention kernel runs
-    assert passes == [per_pass] * (20 // per_pass) + [20 % per_pass] and images.shape == (20, 3, 64, 64)
+    sizes = [per_pass] * (20 // per_pass) + [20 % per_pass]
+    assert passes == [(n, True) for n in sizes] and images.shape == (20, 3, 64, 64)  # inside the sampling context
+    assert not sampling_now()
 
 
 def test_fused_adam_makes_the_homeworks_adam_step():
@@ -339,6 +343,27 @@ def test_without_any_one_lever_the_model_is_still_the_starters(lever):
     with fast.sampling(ours):
         y = ours(case["x"], case["t"])
     assert (y - case["y"]).abs().max() < 1e-5
+
+
+def fast_classes(model):
+    return {type(m) for m in model.modules()} - {type(m) for m in unet.Unet(8, dim_mults=(1, 2)).modules()}
+
+
+@pytest.mark.parametrize("lever,classes", [
+    ("fused_norms", {layers.WeightStandardizedConv2d, layers.LayerNorm}),
+    ("folded_attention", {layers.FoldedLinearAttention, layers.Residual}),
+    ("attention_kernel", {layers.KernelPreNorm}), ("modulation_in_norm", {layers.Block}),
+    ("sub_pixel_upsample", {layers.SubPixelUpsample}), ("base2_softmax", set()), ("channels_last", set()),
+    ("pass_size", set()), ("fused_adam", set())])
+def test_speed_up_swaps_in_each_lever_it_is_given_and_no_other(lever, classes):
+    every = fast_classes(fast.speed_up(unet.Unet(8, dim_mults=(1, 2))))
+    without = fast_classes(fast.speed_up(unet.Unet(8, dim_mults=(1, 2)), [x for x in fast.LEVERS if x != lever]))
+    assert every - without == classes
+    model = fast.speed_up(unet.Unet(8, dim_mults=(1, 2)))
+    attentions = [m for m in model.modules() if isinstance(m, layers.FoldedLinearAttention)]
+    assert attentions and all(m.base2 for m in attentions) and model.levers == set(fast.LEVERS)
+    alone = fast.speed_up(unet.Unet(8, dim_mults=(1, 2)), [lever])
+    assert fast_classes(alone) == classes | {FastUnet} and alone.levers == {lever}
 
 
 def test_plain_undoes_speed_up_and_copies_keep_their_classes():

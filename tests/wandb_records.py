@@ -5,6 +5,7 @@ records, each with a 7-byte header (crc32, little-endian length, type: 1 full, 2
 3 middle, 4 last) and a serialized wandb Record protobuf."""
 import json
 import struct
+import time
 
 from wandb.proto import wandb_internal_pb2 as pb
 
@@ -34,10 +35,26 @@ def records(path):
             yield record
 
 
+def finished(path, timeout=120):
+    """The run's records once W&B has written its own end-of-run record ("exit"): wandb writes
+    the file from a service process of its own, which may still be writing when the run's
+    finish() returns. The timeout only bounds a run that never ends."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found = list(records(path))
+        except Exception:  # a record still being written: read again
+            found = []
+        if any(r.WhichOneof("record_type") == "exit" for r in found):
+            return found
+        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s: the W&B run never finished"
+        time.sleep(0.2)
+
+
 def logged(path):
-    """(run record, [{key: value} per history row, values decoded from JSON])."""
+    """(run record, [{key: value} per history row, values decoded from JSON]), from the finished run."""
     run, rows = None, []
-    for record in records(path):
+    for record in finished(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run

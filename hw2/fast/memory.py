@@ -3,10 +3,9 @@
 On a CPU every tensor comes from malloc. glibc hands freed blocks of a few megabytes
 back to the kernel and asks for fresh pages at the next allocation, and the kernel
 zeroes each fresh 4 KiB page at its first touch, in a page fault. A training step of the
-homework model allocates and frees a few hundred such blocks: about 50,000 page faults
-per float32 step on the 2-core virtual machine of benchmarks/README.md, where a fault
-costs about a microsecond. Told to keep what is freed, malloc serves the next step from
-its own heap: no faults, a float32 step 1.14-1.22x faster there, the same peak memory.
+homework model allocates and frees a few hundred such blocks, so tens of thousands of page
+faults per step. Told to keep what is freed, malloc serves the next step from its own heap:
+no faults, the same peak memory (benchmarks/freed_memory.py measures what it buys).
 
 PyTorch's own CPU launcher (python -m torch.backends.xeon.run_cpu) reaches the same end
 by preloading jemalloc or tcmalloc; this needs nothing installed.

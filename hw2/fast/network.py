@@ -24,7 +24,9 @@ RUN_LEVERS = ("pass_size", "fused_adam")  # read off the model by hw2.fast's ent
 
 def sampled_channels_last(device, pixels):
     """The default rule: while sampling on a CPU, maps of CPU_CHANNELS_LAST_PIXELS pixels or more
-    are stored channels-last (NHWC), where their 16-32 channel convolutions run faster so."""
+    are stored channels-last (NHWC), where oneDNN runs their 16-32 channel convolutions
+    faster. (In training, and on smaller maps, channels-last costs more than it saves: its
+    GroupNorm and the backward pass are slower so.)"""
     return torch.device(device).type == "cpu" and pixels >= CPU_CHANNELS_LAST_PIXELS
 
 
