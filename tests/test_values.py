@@ -186,3 +186,33 @@ def test_fid_compares_with_the_statistics_of_the_images_it_was_given(image_root,
     dogs = FID(recording, find_images(image_root, "dog"), 16, tmp_path / "cache", "cpu", extractor_name="p").prepare()
     assert sum(seen) == 12 + 6
     assert not np.allclose(cats.real_mu, dogs.real_mu)
+
+
+def test_metrics_csv_holds_the_error_the_model_makes(tiny_config):
+    """A network whose noise prediction is off by a known factor: every image is one picture
+    that crops and flips leave as it is (its full size, mirror-symmetric), and TrueNoise scaled
+    by 1.5 predicts 1.5 eps, so the L1 loss is 0.5 E|eps| = 0.5 sqrt(2 / pi) = 0.399 at every
+    step (1,536 noise values a step: within 0.04 by 5 standard deviations), the held-out loss
+    the same, and the fid column what FID returned."""
+    from hw2.runlog import RunLog
+
+    half = known_images(1, SIDE)[0, :, :, : SIDE // 2]
+    picture = torch.cat([half, half.flip(-1)], dim=-1)  # (3, SIDE, SIDE), mirror-symmetric
+    pixels = picture[None].expand(8, 3, SIDE, SIDE).contiguous()
+    d = true_noise_diffusion(pixels)
+    with torch.no_grad():
+        d.model.gain.fill_(1.5)
+    config = dataclasses.replace(tiny_config, image_size=SIDE, time_steps=T, train_steps=3, save_and_sample_every=2,
+                                 fid=True, fid_num_samples=6, learning_rate=1e-12)
+    logger = RunLog(config, "disabled")
+    trainer = Trainer(d, config, pixels, logger=logger, fid=lambda folder: 12.5, heldout=pixels[:5])
+    trainer.fit()
+    logger.finish()
+    with open(trainer.folder.metrics) as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f)}
+    expected = 0.5 * (2 / np.pi) ** 0.5
+    assert sorted(rows) == [1, 2, 3]
+    for step, row in rows.items():
+        assert abs(float(row["loss"]) - expected) < 0.04, (step, row)
+    assert abs(float(rows[2]["heldout_loss"]) - expected) < 0.04 and float(rows[2]["fid"]) == 12.5
+    assert rows[1]["fid"] == rows[3]["fid"] == ""  # FID at milestones only
