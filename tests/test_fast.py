@@ -41,8 +41,10 @@ def fast_copy(module, cls):
 
 
 def outputs_and_grads(module, *inputs, dtype=None):
-    """(output, [grad of a fixed weighting of it w.r.t. the first input and every parameter])."""
-    x = inputs[0].detach().clone().requires_grad_()
+    """(output, [grad of a fixed weighting of it w.r.t. the first input and every parameter]).
+    Under autocast the input comes in autocast's dtype, as the maps inside the network do (the
+    norms pick their eps by it)."""
+    x = inputs[0].detach().to(dtype or inputs[0].dtype).clone().requires_grad_()
     with autocast("cpu", dtype):
         y = module(x, *inputs[1:])
     weights = torch.linspace(-1, 1, y.numel()).view_as(y)
