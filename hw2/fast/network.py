@@ -1,6 +1,7 @@
 """The fast U-Net: unet.Unet with hw2/fast/layers.py's equivalents swapped in, and a forward
-that adds the lever that spans the whole network (the channels-last rule). speed_up() makes a unet.Unet fast in place and plain() undoes it; parameters, their
-names and the state_dict stay the homework's, so checkpoints are the same either way.
+that adds the lever that spans the whole network (the channels-last rule). speed_up() makes
+a unet.Unet fast in place and plain() undoes it; parameters, their names and the state_dict
+stay the homework's, so checkpoints are the same either way.
 """
 import torch
 
