@@ -103,3 +103,16 @@ def write_standin(path):
 @pytest.fixture
 def standin_file(tmp_path):
     return write_standin(tmp_path / "standin-inception.pt")
+
+
+@pytest.fixture(autouse=True)
+def nothing_written_into_the_clone():
+    """A test writes only into its own temporary folders: none leaves a cache (or anything else
+    git would not ignore anyway) in the project folder."""
+    def cache_files():
+        return set((ROOT / ".cache").glob("*")) if (ROOT / ".cache").is_dir() else set()
+
+    before = cache_files()
+    yield
+    left = sorted(p.name for p in cache_files() - before)
+    assert not left, f"the test left {', '.join(left)} in {ROOT / '.cache'}: give it a --cache_dir in tmp_path"

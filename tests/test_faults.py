@@ -114,7 +114,8 @@ def test_a_kill_in_the_middle_of_a_write_leaves_the_previous_version(image_root,
     if name == "model-2.pt":
         assert not (out / "model-2.pt").exists()
 
-    resumed = subprocess.run([sys.executable, "main.py", "--load_path", str(out)], cwd=ROOT, capture_output=True,
+    resumed = subprocess.run([sys.executable, "main.py", "--load_path", str(out), "--cache_dir", str(tmp_path / "c")],
+                             cwd=ROOT, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert temporaries(out) == []  # the next write of each file swept its stale temporary away

@@ -15,11 +15,12 @@ def test_notebook_runs_every_cell(image_root, tmp_path, standin_file):
     assert len(params) == 1
     out = tmp_path / "out"
     common = (f"--image_size 16 --batch_size 4 --unet_dim 8 --unet_dim_mults 1 2 --time_steps 5 --num_samples 4 "
-              f"--fid_num_samples 6 --inception_path {standin_file} --cache_dir {tmp_path / 'cache'} --wandb disabled")
+              f"--fid_num_samples 6 --inception_path {standin_file} --wandb disabled")
     params[0].source = "\n".join([
         'REPO_URL = ""', "INSTALL = False", "USE_DRIVE = True", "GPU_CHECK = False", 'GPU_CHECK_ARGS = ""',
         "DOWNLOAD_AFHQ = False", f"DATA = {json.dumps(str(image_root))}",
-        'CLASS = "cat"', f"OUT = {json.dumps(str(out))}", f"COMMON = {json.dumps(common)}",
+        'CLASS = "cat"', f"OUT = {json.dumps(str(out))}", f"CACHE = {json.dumps(str(tmp_path / 'cache'))}",
+        f"COMMON = {json.dumps(common)}",
         "QUICK_STEPS = 2", "FID_STEPS, FID_EVERY = 4, 2", "FULL_STEPS = 3",
     ])
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})

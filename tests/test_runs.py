@@ -56,7 +56,7 @@ def test_resume_visualize_and_sample_need_only_the_run_folder(image_root, tmp_pa
     assert main.main([*base(image_root, tmp_path), "--train_steps", "2", "--save_and_sample_every", "2",
                       "--ema_decay", "0.9", "--batch_size", "3"]) == 0
 
-    proc = cli("--load_path", out, "--train_steps", "4")  # extends the run; everything else from the checkpoint
+    proc = cli("--load_path", out, "--train_steps", "4", "--cache_dir", tmp_path / "cache")  # extends the run; everything else from the checkpoint
     assert proc.returncode == 0, proc.stderr
     assert "  batch_size: 3  *" in proc.stdout and "  ema_decay: 0.9  *" in proc.stdout
     assert "  train_steps: 4\n" in proc.stdout and f"(marked *: from {out / 'model-latest.pt'})" in proc.stdout
@@ -64,11 +64,11 @@ def test_resume_visualize_and_sample_need_only_the_run_folder(image_root, tmp_pa
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
     assert "1,0." in (out / "metrics.csv").read_text()  # integer steps, also in rows read back at resume
 
-    proc = cli("--load_path", out / "model-latest.pt", "--visualize")
+    proc = cli("--load_path", out / "model-latest.pt", "--visualize", "--cache_dir", tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr
     assert (out / "forward_diffusion.png").is_file() and (out / "backward_diffusion.png").is_file()
 
-    proc = cli("--load_path", out, "--sample", "5", "--seed", "7", "--sampling_timesteps", "3")
+    proc = cli("--load_path", out, "--cache_dir", tmp_path / "cache", "--sample", "5", "--seed", "7", "--sampling_timesteps", "3")
     assert proc.returncode == 0, proc.stderr
     folder = out / "samples-step4-seed7"
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:05d}.png" for i in range(5)]
@@ -88,12 +88,12 @@ def test_sample_uses_the_ema_weights_the_seed_and_ddim(image_root, tmp_path, mon
         return real(sampler, n, seed, *args, **kwargs)
 
     monkeypatch.setattr(main, "generate", spy)
-    assert main.main(["--load_path", str(out), "--sample", "3", "--seed", "5", "--sampling_timesteps", "2"]) == 0
+    assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--sample", "3", "--seed", "5", "--sampling_timesteps", "2"]) == 0
     ema = load_checkpoint(out / "model-latest.pt")["ema"]
     weights = drawn["sampler"].model.state_dict()
     assert all(torch.equal(weights[k], v) for k, v in ema.items()) and drawn["seed"] == 5 and drawn["steps"] == 2
     first = [Image.open(p).tobytes() for p in sorted((out / "samples-step2-seed5").iterdir())]
-    assert main.main(["--load_path", str(out), "--sample", "3", "--seed", "5", "--sampling_timesteps", "2",
+    assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--sample", "3", "--seed", "5", "--sampling_timesteps", "2",
                       "--save_folder", str(tmp_path / "again")]) == 0
     again = [Image.open(p).tobytes() for p in sorted((tmp_path / "again" / "samples-step2-seed5").iterdir())]
     assert first == again  # seeded
@@ -105,11 +105,11 @@ def test_flags_given_override_the_checkpoint_and_the_model_may_not_change(image_
     moved = tmp_path / "moved"
     image_root.rename(moved)
     capsys.readouterr()
-    assert main.main(["--load_path", str(out), "--visualize"]) == 1
+    assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--visualize"]) == 1
     assert f"data folder {image_root} does not exist" in capsys.readouterr().err
-    assert main.main(["--load_path", str(out), "--visualize", "--data_path", str(moved)]) == 0
+    assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--visualize", "--data_path", str(moved)]) == 0
     assert f"  data_path: {moved}\n" in capsys.readouterr().out  # given, so not marked as the checkpoint's
-    assert main.main(["--load_path", str(out), "--unet_dim", "16", "--train_steps", "2"]) == 1
+    assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--unet_dim", "16", "--train_steps", "2"]) == 1
     assert "was trained with a different model: --unet_dim 16 here but 8 in the checkpoint" in capsys.readouterr().err
 
 
@@ -177,7 +177,7 @@ def test_a_resume_from_an_earlier_checkpoint_drops_the_lost_runs_metrics_and_tak
     assert main.main([*base(image_root, tmp_path), "--train_steps", "4", "--save_and_sample_every", "2"]) == 0
     lost = read_metrics(out)
     shutil.copyfile(out / "model-1.pt", out / "model-latest.pt")  # as if steps 3 and 4 were never saved
-    assert main.main(["--load_path", str(out), "--learning_rate", "0.01"]) == 0
+    assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--learning_rate", "0.01"]) == 0
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["loss"] for r in rows[:2]] == [r["loss"] for r in lost[:2]]  # kept as written
