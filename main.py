@@ -181,8 +181,13 @@ def run(config, given=(), procs=None, procs_device=None):
     training = not (config.visualize or config.sample)
     if (config.visualize or config.sample) and not procs.main:
         return None  # rank 0 draws by itself
+    if training and ckpt and int(ckpt.get("step", 0)) >= config.train_steps:
+        if procs.main:
+            print(finished(config, ckpt, path))
+        return None  # nothing to train: nothing is drawn, written or logged
 
-    # check: nothing is written until every input is known to be good
+    # check: nothing is written until every input is known to be good, the data first
+    files = find_images(config.data_path, config.data_class) if training or config.visualize or config.fid else None
     folder = RunFolder(config.save_folder)
     check_writable(folder.path)
     fresh = training and not ckpt and procs.main
@@ -197,7 +202,6 @@ def run(config, given=(), procs=None, procs_device=None):
                   f"({', '.join(ignored[:3])}{' ...' if len(ignored) > 3 else ''}); the schedule comes from --time_steps")
         if procs.main:
             print(f"loaded {path} (step {int(ckpt.get('step', 0))})")
-    files = find_images(config.data_path, config.data_class) if training or config.visualize or config.fid else None
     fid = None
     if config.fid and procs.main and not config.visualize:
         from hw2.fid import build_fid  # clean-fid's imports cost a second; only FID runs pay it
@@ -233,6 +237,14 @@ def run(config, given=(), procs=None, procs_device=None):
     finally:
         if logger:
             logger.finish()
+
+
+def finished(config, ckpt, path):
+    """What a resume of a run that already reached --train_steps says instead of training."""
+    step = int(ckpt.get("step", 0))
+    return (f"{path} is finished: it reached step {step} of --train_steps {config.train_steps}; nothing was changed. "
+            f"To train it further: python main.py --load_path {config.save_folder} --train_steps {step + 1000} "
+            f"(or more); to draw images from it: --sample N")
 
 
 def sampling_weights(diffusion, ckpt, path):

@@ -140,10 +140,11 @@ class Trainer:
                                                   self.amp_dtype)
         if self.fid:
             values["fid"] = self.last_fid = self.fid(self.folder.samples(m))
-        if values:
-            tqdm.write(f"step {self.step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in values.items()))
-            if self.logger:
-                self.logger.log(values, self.step, self.elapsed)
+        figures = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in values.items())
+        tqdm.write(f"step {self.step}: saved {self.folder.checkpoint(m).name} and the grid {self.folder.grid(m).name}"
+                   + (f"; {figures}" if figures else ""))
+        if values and self.logger:
+            self.logger.log(values, self.step, self.elapsed)
         plot_metrics(self.folder.path)
 
     # checkpoints
