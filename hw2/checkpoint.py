@@ -15,6 +15,7 @@ import torch
 
 from hw2.errors import UserError, shorten
 from hw2.files import torch_bytes, write_atomic
+from hw2.runfolder import RunFolder
 
 # The layout and meaning of this project's checkpoints. Checkpoints without the key
 # (format 1) hold a U-Net that was not the homework's (GroupNorm around attention);
@@ -34,6 +35,18 @@ def save_checkpoint(data, *paths):
         write_atomic(path, data)
 
 
+def readable_sibling(path):
+    """For the message about an unreadable checkpoint: the newest numbered checkpoint beside it
+    that loads, and how to resume from it ('' when there is none)."""
+    for _, other in reversed(RunFolder(Path(path).parent).numbered_checkpoints()):
+        try:
+            torch.load(other, map_location="cpu", weights_only=True)
+        except Exception:  # as unreadable as the first: try an older one
+            continue
+        return f". {other.name} in the same folder loads: python main.py --load_path {other}"
+    return ""
+
+
 def load_checkpoint(path):
     """Read a checkpoint onto the CPU with weights_only=True (no code from the file runs),
     in this project's layout: a bare U-Net state_dict comes back as {"model": it}."""
@@ -48,7 +61,8 @@ def load_checkpoint(path):
             f"({shorten(e) or type(e).__name__}); only load checkpoints you trust"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {shorten(e)})") from None
+        raise UserError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {shorten(e)})"
+                        f"{readable_sibling(path)}") from None
     if isinstance(ckpt, dict) and ckpt and "model" not in ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         ckpt = {"model": ckpt}  # a bare state_dict
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):

@@ -46,6 +46,22 @@ def test_truncated_checkpoint(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_truncated_checkpoint_names_the_newest_one_beside_it_that_loads(tmp_path):
+    good = torch_bytes({"model": {"w": torch.randn(1000)}, "step": 1})
+    for name in ("model-1.pt", "model-2.pt", "model-latest.pt"):
+        write_atomic(tmp_path / name, good)
+    for name in ("model-2.pt", "model-latest.pt"):  # a run killed while the disk filled up
+        (tmp_path / name).write_bytes(good[: len(good) // 2])
+    with pytest.raises(UserError, match="unreadable or truncated") as error:
+        load_checkpoint(tmp_path / "model-latest.pt")
+    assert str(error.value).endswith(f". model-1.pt in the same folder loads: python main.py --load_path "
+                                     f"{tmp_path / 'model-1.pt'}")
+    (tmp_path / "model-1.pt").write_bytes(good[:100])
+    with pytest.raises(UserError) as error:
+        load_checkpoint(tmp_path / "model-latest.pt")
+    assert "loads" not in str(error.value)  # none does: nothing is offered
+
+
 def test_missing_and_foreign_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
