@@ -232,7 +232,7 @@ def run(config, given=(), procs=None, procs_device=None):
             trainer.load(ckpt, path)
         trainer.fit()
         if procs.main:
-            print(summary(trainer, logger))
+            print(summary(trainer))
         return trainer
     finally:
         if logger:
@@ -282,7 +282,7 @@ def sample(diffusion, ckpt, path, config, dtype, fid):
         logger.finish()
 
 
-def summary(trainer, logger):
+def summary(trainer):
     """The lines printed when training ends: what was done and where it is."""
     folder = trainer.folder
     numbers = [f"final loss {trainer.last_loss:.4f}"] if trainer.last_loss is not None else []
@@ -296,9 +296,6 @@ def summary(trainer, logger):
         f"  in {folder.path}: {folder.latest.name} (continue with: python main.py --load_path {folder.path} "
         f"--train_steps N), {', '.join(made)}",
     ]
-    sync = logger.sync_command() if logger else None
-    if sync:
-        lines.append(f"  W&B logged offline; upload it with: {sync}")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ METRICS = "metrics.csv"
 # What a run writes, as patterns of names directly in its folder.
 RUN_FILES = (r"model-(\d+|latest)\.pt", r"sample_ddpm_\d+", r"sample-(\d+|final)\.png", r"metrics\.csv",
              r"loss\.png", r"fid\.png", r"(forward|backward)_diffusion\.png", r"samples-step\d+-seed-?\d+(\.png)?",
-             r"wandb", r"\..*\.tmp\d+")
+             r"wandb", r"wandb-run-id", r"\..*\.tmp\d+")
 
 
 class RunFolder:

@@ -1,11 +1,14 @@
 """Where a run's numbers and pictures go: metrics.csv in the save folder, always, and
 wandb (project DDPM_AFHQ), which never blocks or prompts: it runs online when a W&B
 login is found, offline otherwise, and not at all with --wandb disabled. Its files go
-where $WANDB_DIR says, or into the save folder."""
+where $WANDB_DIR says, or into the save folder. Every command on one run folder (training,
+its resumes, --visualize, --sample) logs to one W&B run: its id is kept in the folder, and
+each later command resumes it."""
 import csv
 import io
 import netrc
 import os
+import secrets
 from pathlib import Path
 
 from hw2.files import write_atomic
@@ -13,6 +16,7 @@ from hw2.images import grid, to_uint8
 
 PROJECT = "DDPM_AFHQ"
 METRICS_FILE = "metrics.csv"
+RUN_ID_FILE = "wandb-run-id"  # in the save folder: the W&B run every command on this folder continues
 COLUMNS = ("step", "loss", "fid", "heldout_loss", "elapsed_s")
 FLUSH_EVERY = 50  # logged rows between rewrites of metrics.csv
 
@@ -71,10 +75,12 @@ class RunLog:
             Path(where).mkdir(parents=True, exist_ok=True)
             os.environ.setdefault("WANDB_SILENT", "true")
 
+            run_id = self.run_id()
+
             def start(mode):
                 return wandb.init(
-                    project=PROJECT, name=run_name(config.save_folder), config=config.to_dict(),
-                    dir=where, mode=mode, settings=wandb.Settings(init_timeout=30),
+                    project=PROJECT, name=run_name(config.save_folder), config=config.to_dict(), id=run_id,
+                    resume="allow", dir=where, mode=mode, settings=wandb.Settings(init_timeout=30),
                 )
 
             try:
@@ -84,6 +90,20 @@ class RunLog:
                     raise
                 print(f"note: wandb could not go online ({type(e).__name__}); logging offline instead")
                 self.run = start("offline")
+
+    def run_id(self):
+        """The id of this folder's W&B run: the one kept in the folder, or a new one, kept there."""
+        path = self.folder / RUN_ID_FILE
+        try:
+            kept = path.read_text().strip()
+        except OSError:
+            kept = ""
+        if kept.isalnum():
+            return kept
+        run_id = secrets.token_hex(6)  # W&B ids: lower-case letters and digits
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, run_id + "\n")
+        return run_id
 
     def truncate(self, step):
         """Drop rows after `step`: they were written after the checkpoint a resumed run starts from."""
@@ -122,10 +142,12 @@ class RunLog:
             self.run.summary.update(values)
 
     def sync_command(self):
-        """The command that uploads this run when it was logged offline, else None."""
+        """The command that uploads this run when it was logged offline, else None. Every
+        command on the folder wrote a part of the same run; wandb sync uploads them in order."""
         if self.run is None or self.run.settings.mode != "offline":
             return None
-        return f"wandb sync {self.run.settings.sync_dir}"
+        parts = sorted(Path(self.run.settings.sync_dir).parent.glob(f"offline-run-*-{self.run.id}"))
+        return "wandb sync " + " ".join(str(p) for p in parts)
 
     def flush(self, force=False):
         """Rewrite metrics.csv whole, through a temporary file renamed into place, so a crash
@@ -141,7 +163,12 @@ class RunLog:
         self.unsaved = 0
 
     def finish(self):
+        """Write what is left and close the W&B run; when it was logged offline, say how to
+        upload it (whatever ended the command: the end of training, Ctrl-C, an error)."""
         self.flush()
         if self.run is not None:
+            sync = self.sync_command()
             self.run.finish()
             self.run = None
+            if sync:
+                print(f"  W&B logged offline; upload it with: {sync}")

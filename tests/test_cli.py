@@ -126,7 +126,7 @@ def test_training_run_writes_every_file(image_root, tmp_path):
     out = tmp_path / "results"
     samples = {f"sample_ddpm_{m}/{i:05d}.png" for m in (1, 2) for i in range(4)}
     expected = {"model-1.pt", "model-2.pt", "model-latest.pt", "sample-1.png", "sample-2.png", "sample-final.png",
-                "sample_ddpm_1", "sample_ddpm_2", "metrics.csv", "loss.png", "wandb"} | samples
+                "sample_ddpm_1", "sample_ddpm_2", "metrics.csv", "loss.png", "wandb", "wandb-run-id"} | samples
     written = {str(p.relative_to(out)) for p in out.rglob("*") if p.relative_to(out).parts[0] != "wandb"} | {"wandb"}
     assert (out / "wandb").is_dir()
     assert written == expected

@@ -42,3 +42,42 @@ def test_a_missing_data_folder_is_reported_before_an_occupied_save_folder(image_
     assert main.main([*base(image_root, tmp_path, "--train_steps", "1"), "--data_path", str(missing)]) == 1
     err = capsys.readouterr().err
     assert f"data folder {missing} does not exist" in err and "already holds a run" not in err
+
+
+def test_every_command_on_a_run_folder_logs_to_one_wandb_run(image_root, tmp_path, capsys):
+    """Offline: the first command keeps the run's id in the folder, a resume and --sample continue
+    that run (each writes a part of it, which wandb sync uploads in order), and the sync line
+    names every part."""
+    from wandb_records import logged
+
+    out = tmp_path / "run"
+    assert main.main(base(image_root, tmp_path, "--train_steps", "2", "--wandb", "offline")) == 0
+    assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--train_steps", "4",
+                      "--wandb", "offline"]) == 0
+    said = capsys.readouterr().out.strip().splitlines()
+    parts = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2
+    run_id = (out / "wandb-run-id").read_text().strip()
+    runs = [logged(next(part.glob("run-*.wandb"))) for part in parts]
+    assert [run.run_id for run, _ in runs] == [run_id, run_id]
+    assert [row["_step"] for row in runs[1][1] if "loss" in row] == [3, 4]  # the resume logs steps 3 and 4
+    assert said[-1] == f"  W&B logged offline; upload it with: wandb sync {parts[0]} {parts[1]}"
+
+
+def test_a_stopped_run_still_says_how_to_upload_what_it_logged(image_root, tmp_path, capsys, monkeypatch):
+    import trainer
+
+    real, calls = trainer.Trainer.train_step, []
+
+    def stopped_at_the_second_step(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        return real(self)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", stopped_at_the_second_step)
+    assert main.main(base(image_root, tmp_path, "--train_steps", "4", "--wandb", "offline")) == 130
+    said = capsys.readouterr()
+    part = next((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert f"  W&B logged offline; upload it with: wandb sync {part}" in said.out
+    assert "interrupted at step 1" in said.err
