@@ -104,7 +104,8 @@ def load_images(files, side, cache_dir=None, progress=True, need=1):
 
     Results are cached in cache_dir under a key made of the side and each file's
     name, size and modification time, so any change to the files invalidates it.
-    Fewer than `need` usable images is an error, raised before anything is cached.
+    Fewer than `need` usable images is an error, raised before anything is cached, and
+    whether or not the images come from the cache.
     """
     cache = None
     if cache_dir:
@@ -112,9 +113,13 @@ def load_images(files, side, cache_dir=None, progress=True, need=1):
         if cache.is_file():
             try:
                 stored = torch.load(cache, weights_only=True)
-                return stored["images"], [Path(p) for p in stored["skipped"]]
+                images, skipped = stored["images"], [Path(p) for p in stored["skipped"]]
             except Exception:
                 pass  # an unreadable cache is rebuilt below
+            else:
+                if images.shape[0] < need:
+                    raise too_few_images(images.shape[0], need)
+                return images, skipped
 
     arrays, skipped = [None] * len(files), []
     workers = min(32, os.cpu_count() or 1)

@@ -81,3 +81,14 @@ def test_a_stopped_run_still_says_how_to_upload_what_it_logged(image_root, tmp_p
     part = next((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert f"  W&B logged offline; upload it with: wandb sync {part}" in said.out
     assert "interrupted at step 1" in said.err
+
+
+def test_too_large_a_batch_is_refused_before_anything_is_created_even_with_the_images_cached(image_root, tmp_path,
+                                                                                              capsys):
+    assert main.main(base(image_root, tmp_path, "--train_steps", "1", "--save_folder", str(tmp_path / "first"))) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main.main(base(image_root, tmp_path, "--train_steps", "1", "--batch_size", "13", "--wandb", "offline")) == 1
+    err = capsys.readouterr().err
+    assert "the dataset has 12 usable images, fewer than one batch of 13" in err
+    assert not out.exists()  # no save folder, no W&B run
