@@ -160,9 +160,9 @@ def print_config(config, taken, source, device, dtype, procs, model):
     for name, value in config.to_dict().items():
         print(f"  {name}: {value}" + ("  *" if name in taken else ""))
     processes = f", {procs.world} processes" if procs.distributed else ""
-    print(f"  (running on {device}, {describe_precision(config.amp, device, dtype)}{processes}; "
-          f"sampling {fast.images_per_pass(model, device, config.image_size, dtype)} images per pass; "
-          f"{fast.describe(model, device)})")
+    details = (f"; sampling {fast.images_per_pass(model, device, config.image_size, dtype)} images per pass; "
+               f"{fast.describe(model, device)}") if config.verbose else ""
+    print(f"  (running on {device}, {describe_precision(config.amp, device, dtype)}{processes}{details})")
 
 
 def run(config, given=(), procs=None, procs_device=None):
@@ -176,8 +176,6 @@ def run(config, given=(), procs=None, procs_device=None):
         config, taken = settle_config(config, given, ckpt, path)
     device = procs_device or pick_device(config.device)
     dtype = amp_dtype(config.amp, device)
-    if procs.main:
-        print_config(config, taken or [], path, device, dtype, procs, build_unet(config))
     training = not (config.visualize or config.sample)
     if (config.visualize or config.sample) and not procs.main:
         return None  # rank 0 draws by itself
@@ -208,7 +206,9 @@ def run(config, given=(), procs=None, procs_device=None):
 
         fid = build_fid(config, files, device)
 
-    # create
+    # create: every input is good, so the settings come now, and any error before came first
+    if procs.main:
+        print_config(config, taken or [], path, device, dtype, procs, diffusion.model)
     if fresh and config.overwrite:
         folder.clear()
     if config.sample:

@@ -57,6 +57,8 @@ class Config:
     sample: int = flag(0, "draw this many images from --load_path's model into a folder of their own and exit (0 = off)")
     wandb: str = flag("auto", "auto (online when logged in to W&B, else offline), online, offline or disabled")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
+    verbose: bool = flag(False, "also say at start how the run computes: images per sampling pass, the speed levers, "
+                                "the compiled kernel, malloc")
 
     def __post_init__(self):
         self.unet_dim_mults = tuple(self.unet_dim_mults)
@@ -126,4 +128,4 @@ MODEL_FIELDS = ("image_size", "unet_dim", "unet_dim_mults", "time_steps")
 # machine keeps things, and how it computes them fastest. Every other field defaults to
 # the checkpoint's value.
 NOT_INHERITED = ("load_path", "overwrite", "visualize", "sample", "device", "cache_dir", "inception_path", "plain",
-                 "channels_last")
+                 "channels_last", "verbose")

@@ -91,6 +91,14 @@ def test_bad_values_are_rejected_in_one_line(args, message, capsys):
     assert message in err[-1] and "Traceback" not in "".join(err)
 
 
+def test_by_default_the_startup_line_says_device_and_precision_alone(capsys):
+    from hw2.distributed import Processes
+
+    config, _ = main.parse_config([])
+    main.print_config(config, [], None, torch.device("cpu"), None, Processes(), main.build_unet(config))
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "  (running on cpu, float32: this CPU has no native bf16)"
+
+
 @pytest.mark.parametrize("device,plain,kernel", [
     ("cpu", False, True), ("cpu", False, False), ("cpu", True, True), ("meta", False, True)])
 def test_the_startup_line_says_whether_the_network_is_fast(capsys, monkeypatch, device, plain, kernel):
@@ -100,7 +108,7 @@ def test_the_startup_line_says_whether_the_network_is_fast(capsys, monkeypatch, 
     from hw2.fast import kernel as compiled
 
     monkeypatch.setattr(compiled, "_built", {"lib": print if kernel else None, "why": "no C compiler (cc) found"})
-    config, _ = main.parse_config(["--plain"] if plain else [])
+    config, _ = main.parse_config(["--verbose", *(["--plain"] if plain else [])])
     main.print_config(config, [], None, torch.device(device), None, Processes(), main.build_unet(config))
     startup = capsys.readouterr().out.strip().splitlines()[-1]
     assert startup.startswith(f"  (running on {device}")
@@ -113,7 +121,7 @@ def test_the_startup_line_says_whether_the_network_is_fast(capsys, monkeypatch, 
 def test_training_run_writes_every_file(image_root, tmp_path):
     """A real subprocess run, in the homework's `--fid False` form, with wandb offline."""
     args = tiny_args(image_root, tmp_path, "--train_steps", "4", "--save_and_sample_every", "2", "--fid", "False",
-                     "--wandb", "offline")
+                     "--wandb", "offline", "--verbose")
     proc = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "training completed" in proc.stdout

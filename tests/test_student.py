@@ -92,3 +92,14 @@ def test_too_large_a_batch_is_refused_before_anything_is_created_even_with_the_i
     err = capsys.readouterr().err
     assert "the dataset has 12 usable images, fewer than one batch of 13" in err
     assert not out.exists()  # no save folder, no W&B run
+
+
+def test_an_error_found_before_training_comes_alone_and_the_settings_once_the_run_starts(image_root, tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main.main([*base(image_root, tmp_path, "--train_steps", "1"), "--data_path", str(missing)]) == 1
+    said = capsys.readouterr()
+    assert said.out == "" and said.err.startswith(f"error: data folder {missing} does not exist")
+    assert len(said.err.strip().splitlines()) == 1
+    assert main.main(base(image_root, tmp_path, "--train_steps", "1")) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("config:\n") and "  (running on cpu, " in out
