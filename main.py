@@ -156,6 +156,9 @@ def check_writable(folder):
 
 
 def print_config(config, taken, source, device, dtype, procs, model):
+    if not procs.main:
+        return
+    taken = taken or []
     print("config:" + (f" (marked *: from {source})" if taken else ""))
     for name, value in config.to_dict().items():
         print(f"  {name}: {value}" + ("  *" if name in taken else ""))
@@ -206,20 +209,22 @@ def run(config, given=(), procs=None, procs_device=None):
 
         fid = build_fid(config, files, device)
 
-    # create: every input is good, so the settings come now, and any error before came first
-    if procs.main:
-        print_config(config, taken or [], path, device, dtype, procs, diffusion.model)
-    if fresh and config.overwrite:
-        folder.clear()
     if config.sample:
+        print_config(config, taken, path, device, dtype, procs, diffusion.model)
         return sample(diffusion, ckpt, path, config, dtype, fid)
     world = procs.world if training else 1
-    if procs.main:
+    if procs.main:  # decoded once and cached, and counted: too few for a batch is refused here
         files, images = training_data(config, need=config.batch_size * world if training else 1, files=files)
     procs.barrier()  # the others then read the decoded images from rank 0's cache
     if not procs.main:
         files, images = training_data(config, progress=False, files=files)
     images, heldout = split_heldout(images, config.heldout_images, config.seed)
+
+    # create: every input is good, so the settings come now, and any error before came first
+    if procs.main:
+        print_config(config, taken, path, device, dtype, procs, diffusion.model)
+    if fresh and config.overwrite:
+        folder.clear()
     if fid:
         fid.prepare()
     logger = RunLog(config, config.wandb) if procs.main else None

@@ -103,3 +103,9 @@ def test_an_error_found_before_training_comes_alone_and_the_settings_once_the_ru
     assert main.main(base(image_root, tmp_path, "--train_steps", "1")) == 0
     out = capsys.readouterr().out
     assert out.startswith("config:\n") and "  (running on cpu, " in out
+
+
+def test_too_few_images_for_a_batch_is_reported_alone(image_root, tmp_path, capsys):
+    assert main.main(base(image_root, tmp_path, "--train_steps", "1", "--batch_size", "13")) == 1
+    said = capsys.readouterr()
+    assert said.out == "" and "fewer than one batch of 13" in said.err
