@@ -221,8 +221,7 @@ def run(config, given=(), procs=None, procs_device=None):
     images, heldout = split_heldout(images, config.heldout_images, config.seed)
 
     # create: every input is good, so the settings come now, and any error before came first
-    if procs.main:
-        print_config(config, taken, path, device, dtype, procs, diffusion.model)
+    print_config(config, taken, path, device, dtype, procs, diffusion.model)
     if fresh and config.overwrite:
         folder.clear()
     if fid:

@@ -249,7 +249,7 @@ class Attention(nn.Module):
 
 class Unet(nn.Module):
     """The noise predictor. Besides the starter's attributes it keeps `dim` and `dim_mults`,
-    so that a copy of the same shape can be built from a model (for its EMA weights)."""
+    so that a checkpoint of another size can be named by the flags that would build it."""
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ import csv
 import io
 import netrc
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -146,7 +147,9 @@ class RunLog:
         command on the folder wrote a part of the same run; wandb sync uploads them in order."""
         if self.run is None or self.run.settings.mode != "offline":
             return None
-        parts = sorted(Path(self.run.settings.sync_dir).parent.glob(f"offline-run-*-{self.run.id}"))
+        # wandb names each part offline-run-<time>-<id>, with -1, -2 ... when two start in one second
+        part = re.compile(rf"offline-run-.*-{re.escape(self.run.id)}(-\d+)?")
+        parts = sorted(p for p in Path(self.run.settings.sync_dir).parent.iterdir() if part.fullmatch(p.name))
         return "wandb sync " + " ".join(str(p) for p in parts)
 
     def flush(self, force=False):

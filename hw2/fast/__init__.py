@@ -12,27 +12,19 @@ Entry points, the only names the rest of the project uses:
     images_per_pass(model, ...)   how many images one pass of the reverse chain draws
     make_adam(model, lr)          the optimizer
     tune_process()                process-wide settings, once, where the process starts
-    describe(model, device, dtype) the start-up line's words
+    describe(model, device)       the start-up line's words (with --verbose)
 """
 import torch
 
 from hw2.fast import kernel
 from hw2.fast.memory import keep_freed_memory
-from hw2.fast.network import NETWORK_LEVERS, RUN_LEVERS, is_fast, plain
-from hw2.fast.network import speed_up as _speed_up
+from hw2.fast.network import LEVERS, is_fast, plain, speed_up
 from hw2.fast.sampling import images_per_pass, sampling
 
-LEVERS = NETWORK_LEVERS + RUN_LEVERS  # the model's levers; tune_process() sets the process's
 _process = {}  # what tune_process() did in this process: {"freed_memory": note or None}
 
 __all__ = ["LEVERS", "for_run", "speed_up", "plain", "is_fast", "sampling", "images_per_pass", "make_adam", "tune_process",
            "describe"]
-
-
-def speed_up(model, levers=LEVERS, channels_last=None):
-    """model (a unet.Unet), fast in place; channels_last: True (every map), False (none) or
-    None (the default: sampling's large maps on a CPU)."""
-    return _speed_up(model, levers, channels_last)
 
 
 def for_run(model, config):

@@ -21,6 +21,7 @@ SWAPS = {
 NETWORK_LEVERS = ("fused_norms", "folded_attention", "base2_softmax", "attention_kernel", "modulation_in_norm",
                   "sub_pixel_upsample", "channels_last")
 RUN_LEVERS = ("pass_size", "fused_adam")  # read off the model by hw2.fast's entry points
+LEVERS = NETWORK_LEVERS + RUN_LEVERS
 
 
 def sampled_channels_last(device, pixels):
@@ -82,10 +83,11 @@ def swap(module, cls):
     module.__class__ = cls
 
 
-def speed_up(model, levers, channels_last=None):
+def speed_up(model, levers=LEVERS, channels_last=None):
     """Make the unet.Unet `model` fast in place with the levers named in `levers`; the same
-    parameters and state_dict. channels_last: True, False or None (the default rule)."""
-    unknown = set(levers) - set(NETWORK_LEVERS) - set(RUN_LEVERS)
+    parameters and state_dict. channels_last: True (every map), False (none) or None (the
+    default rule, sampled_channels_last)."""
+    unknown = set(levers) - set(LEVERS)
     if unknown:
         raise ValueError(f"unknown levers: {', '.join(sorted(unknown))}")
     plain(model)

@@ -4,6 +4,7 @@ import contextlib
 
 import torch
 
+from hw2.fast import kernel
 from hw2.fast.network import is_fast
 from hw2.fast.state import reset_sampling, set_sampling
 
@@ -33,8 +34,6 @@ def images_per_pass(model, device, image_size, amp_dtype=None):
     kernel (hw2/fast/memory.py). In torch's linear attention those are the top level's 128
     features per pixel; the compiled attention kernel keeps them in per-thread blocks, so where
     it runs the passes are twice as large. On a GPU, GPU_PASS."""
-    from hw2.fast import kernel
-
     if not (is_fast(model) and "pass_size" in model.levers):
         return PLAIN_PASS
     if torch.device(device).type != "cpu":
