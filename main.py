@@ -163,6 +163,9 @@ def print_config(config, taken, source, device, dtype, procs, model):
     for name, value in config.to_dict().items():
         print(f"  {name}: {value}" + ("  *" if name in taken else ""))
     processes = f", {procs.world} processes" if procs.distributed else ""
+    training = not (config.visualize or config.sample)
+    step = fast.describe_step(device, dtype, procs, config) if training else None
+    processes += f", {step}" if step else ""
     details = (f"; sampling {fast.images_per_pass(model, device, config.image_size, dtype)} images per pass; "
                f"{fast.describe(model, device)}") if config.verbose else ""
     print(f"  (running on {device}, {describe_precision(config.amp, device, dtype)}{processes}{details})")
@@ -307,7 +310,7 @@ def main(argv=None, tune_process=False):
     """The command line. tune_process: this call started the process (python main.py), so the
     process-wide speed settings are its to make (hw2.fast.tune_process), unless --plain."""
     config, given = parse_config(argv)
-    if tune_process and not config.plain:
+    if tune_process:
         fast.tune_process()
     procs, finished = Processes(), False
     try:

@@ -1,6 +1,5 @@
 """The training loop: a small class of verbs (train_step, sample, milestone, save, load,
 fit). The files it writes are named in hw2/runfolder.py."""
-import contextlib
 import math
 import signal
 import time
@@ -21,9 +20,9 @@ from hw2.heldout import heldout_loss
 from hw2.images import save_grid, save_images
 from hw2.interrupt import StopRequests
 from hw2.plots import plot_metrics
-from hw2.precision import autocast
 from hw2.runfolder import RunFolder
 from hw2.sampling import generate
+from hw2.step import TrainStep
 
 
 class Trainer:
@@ -52,12 +51,17 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DistributedDataParallel(diffusion, device_ids=ids, broadcast_buffers=False)
-        self.opt = fast.make_adam(self.model, config.learning_rate)
         self.amp_dtype = amp_dtype
+        capture, _ = fast.step_plan(self.device, amp_dtype, self.procs, config)
+        self.opt = fast.make_adam(self.model, config.learning_rate, capturable=capture)
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay else None
         self.sampler = diffusion.with_model(self.ema.model) if self.ema else diffusion  # what samples are drawn with
         # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
+        self.one_step = fast.step_for_trainer(
+            TrainStep(diffusion, self.opt, batch_size=config.batch_size, passes=config.gradient_accumulate_every,
+                      amp_dtype=amp_dtype, scaler=self.scaler, processes=self.procs, train_module=self.train_module),
+            capture)
         self.step = 0
         self.saved_step = None  # the step of model-latest.pt as this process last wrote or read it
         self.last_loss = None
@@ -72,40 +76,17 @@ class Trainer:
 
     # one optimizer step
 
-    def draw_t_and_noise(self, x_0):
-        """t (B,) and eps (B, C, H, W) for this process's images: every process draws them for
-        the whole global batch and keeps its slice, as the data pipeline does."""
-        b, world = x_0.shape[0], self.procs.world
-        t = torch.randint(0, self.diffusion.num_timesteps, (b * world,), device=self.device)
-        noise = torch.randn((b * world, *x_0.shape[1:]), device=self.device)
-        mine = slice(self.procs.rank * b, (self.procs.rank + 1) * b)
-        return t[mine], noise[mine]
-
     def train_step(self):
-        """gradient_accumulate_every forward/backward passes, one Adam step; returns the mean loss."""
+        """One optimizer step (hw2/step.py) and the host work around it: the next batches into
+        its buffers, the loss read and checked, EMA. Returns the mean loss."""
         self.model.train()
-        accumulate = self.config.gradient_accumulate_every
-        total = torch.zeros((), device=self.device)
-        for k in range(accumulate):
-            x_0 = Batches.to_model(next(self.batches), self.device)
-            t, noise = self.draw_t_and_noise(x_0)
-            last = k == accumulate - 1
-            # processes exchange gradients once per step, on its last pass
-            sync = contextlib.nullcontext() if last or not self.procs.distributed else self.train_module.no_sync()
-            with sync:
-                with autocast(self.device, self.amp_dtype):
-                    loss = self.train_module(x_0, noise=noise, t=t) / accumulate
-                self.scaler.scale(loss).backward()
-            total += loss.detach()
-        loss = self.procs.mean(total).item()
+        self.one_step.load(next(self.batches) for _ in range(self.config.gradient_accumulate_every))
+        loss = self.procs.mean(self.one_step()).item()
         if not math.isfinite(loss):
             raise UserError(
                 f"the loss became {loss} at step {self.step + 1}; training stopped and no checkpoint was "
                 f"overwritten. Resume from the last one with a lower --learning_rate"
             )
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
         if self.ema:
             self.ema.update(self.model)
         self.step += 1

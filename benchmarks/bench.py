@@ -54,6 +54,7 @@ from hw2 import fast  # noqa: E402
 from hw2.fast.memory import keep_freed_memory  # noqa: E402
 from hw2.precision import amp_dtype, autocast  # noqa: E402
 from hw2.sampling import generate  # noqa: E402
+from hw2.step import TrainStep  # noqa: E402
 from trainer import Trainer  # noqa: E402
 from unet import Unet  # noqa: E402
 
@@ -108,7 +109,16 @@ def interleaved(fns, reps, device, warmup=1, times=None):
 
 
 def train_step_fn(diffusion, device, x, fused=True, dtype=None):
+    """The training step (hw2/step.py) of ACCUMULATE passes over the images x (B, C, S, S) in [-1, 1]."""
     opt = fast.make_adam(diffusion.model, LR) if fused else torch.optim.Adam(diffusion.parameters(), lr=LR)
+    step = TrainStep(diffusion, opt, batch_size=x.shape[0], passes=ACCUMULATE, amp_dtype=dtype)
+    step.inputs.copy_(x.expand_as(step.inputs))
+    return step
+
+
+def their_step_fn(diffusion, device, x, dtype=None):
+    """Their side's step, as their Trainer takes it: ACCUMULATE passes over x, Adam."""
+    opt = torch.optim.Adam(diffusion.parameters(), lr=LR)
 
     def step():
         for _ in range(ACCUMULATE):
@@ -186,7 +196,7 @@ def model_only(device, reps):
     fns = {}
     for dtype in (None, torch.bfloat16):
         fns[f"ours {label(dtype)}"] = train_step_fn(ours().to(device), device, x, dtype=dtype)
-        fns[f"theirs {label(dtype)}"] = train_step_fn(theirs().to(device), device, x, dtype=dtype)
+        fns[f"theirs {label(dtype)}"] = their_step_fn(theirs().to(device), device, x, dtype=dtype)
     fns["ours float32, plain Adam"] = train_step_fn(ours().to(device), device, x, fused=False)
     fns["ours default, channels-last"] = train_step_fn(ours(channels_last=True).to(device), device,
                                                        x.contiguous(memory_format=torch.channels_last),
@@ -344,7 +354,8 @@ import bench
 device = torch.device({device!r})
 x = torch.rand(bench.BATCH, 3, bench.SIZE, bench.SIZE, device=device) * 2 - 1
 d = (bench.ours() if {side!r} == "ours" else bench.theirs()).to(device)
-step = bench.train_step_fn(d, device, x, dtype=bench.default_dtype(device) if {side!r} == "ours" else None)
+step = (bench.train_step_fn(d, device, x, dtype=bench.default_dtype(device)) if {side!r} == "ours"
+        else bench.their_step_fn(d, device, x))
 before = bench.rss()
 open("/proc/self/clear_refs", "w").write("5")  # restart the peak-RSS count from here
 for _ in range(3):

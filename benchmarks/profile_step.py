@@ -3,12 +3,13 @@
     python benchmarks/profile_step.py            # the homework model, 2 x 32 images per step
     python benchmarks/profile_step.py --ops 12   # also the 12 most expensive operators of each
 
-It times the phases of Trainer.train_step one by one (medians over the steps), the forward
+It times the phases of the training step (hw2/step.py) one by one (medians over the steps), the forward
 pass of sampling, and what each U-Net block costs in that forward pass, with malloc set as
 main.py sets it on a CPU (hw2/fast/memory.py), the model as main.py runs it (hw2.fast). The table it prints is the one in benchmarks/README.md.
 """
 import argparse
 import collections
+import contextlib
 import statistics
 import sys
 import time
@@ -26,37 +27,33 @@ from hw2.data import Batches  # noqa: E402
 from hw2 import fast  # noqa: E402
 from hw2.fast.memory import keep_freed_memory  # noqa: E402
 from hw2.precision import autocast  # noqa: E402
+from hw2.step import TrainStep  # noqa: E402
 from unet import Unet  # noqa: E402
 
 SIZE, BATCH, ACCUMULATE, T = 32, 32, 2, 50
 
 
 def phases(dtype, steps):
-    """{phase: median seconds per optimizer step}."""
+    """{phase: median seconds per optimizer step}: the training step (hw2/step.py) with each of
+    its phases timed, and the data pipeline's batches into its buffers."""
     torch.manual_seed(0)
     diffusion = Diffusion(fast.speed_up(Unet(16)), image_size=SIZE, timesteps=T)
-    opt = fast.make_adam(diffusion.model, 1e-3)
+    step = TrainStep(diffusion, fast.make_adam(diffusion.model, 1e-3), batch_size=BATCH, passes=ACCUMULATE,
+                     amp_dtype=dtype)
     batches = Batches(synthetic_images(512, int(SIZE * 1.12)), SIZE, BATCH, seed=0)
     times = collections.defaultdict(list)
     for i in range(steps + 2):
         spent = collections.defaultdict(float)
-        for _ in range(ACCUMULATE):
+
+        @contextlib.contextmanager
+        def timed(name):
             start = time.perf_counter()
-            x_0 = Batches.to_model(next(batches), "cpu")
-            t = torch.randint(0, T, (BATCH,))
-            noise = torch.randn_like(x_0)
-            spent["data"] += time.perf_counter() - start
-            start = time.perf_counter()
-            with autocast("cpu", dtype):
-                loss = diffusion(x_0, noise=noise, t=t) / ACCUMULATE
-            spent["forward"] += time.perf_counter() - start
-            start = time.perf_counter()
-            loss.backward()
-            spent["backward"] += time.perf_counter() - start
-        start = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        spent["optimizer"] += time.perf_counter() - start
+            yield
+            spent[name] += time.perf_counter() - start
+
+        with timed("data"):
+            step.load(next(batches) for _ in range(ACCUMULATE))
+        step(phase=timed)
         if i >= 2:  # warm-up
             for k, v in spent.items():
                 times[k].append(v)

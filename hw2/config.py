@@ -41,7 +41,10 @@ class Config:
                               "checkpoints are the same either way")
     channels_last: bool = flag(None, "store U-Net feature maps channels-last (NHWC): True for every map, False for none; "
                                    "by default those of 32 x 32 px and larger while sampling on a CPU (hw2/fast)")
-    amp: str = flag("auto", "mixed precision: auto (bf16/fp16 on CUDA, bf16 on CPUs with native bf16), off, bf16 or fp16")
+    amp: str = flag("auto", "mixed precision: auto (float32 on CUDA, where it is fastest for this model; bf16 on CPUs "
+                            "with native bf16), off, bf16 or fp16")
+    cuda_graph: bool = flag(None, "on a CUDA GPU, capture the training step once in a CUDA graph and replay it "
+                                  "(default: wherever it holds; False: never; hw2/fast)")
     # outputs
     save_folder: str = flag("./results", "where checkpoints, sample images and plots go")
     save_and_sample_every: int = flag(1000, "steps between milestones (checkpoint + samples)")
@@ -128,4 +131,4 @@ MODEL_FIELDS = ("image_size", "unet_dim", "unet_dim_mults", "time_steps")
 # machine keeps things, and how it computes them fastest. Every other field defaults to
 # the checkpoint's value.
 NOT_INHERITED = ("load_path", "overwrite", "visualize", "sample", "device", "cache_dir", "inception_path", "plain",
-                 "channels_last", "verbose")
+                 "channels_last", "cuda_graph", "verbose")

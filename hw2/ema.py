@@ -16,8 +16,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model):
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        """One step of the average, every parameter in one update (a few kernels, not one each)."""
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()],
+                             1.0 - self.decay)
 
     def state_dict(self):
         return self.model.state_dict()

@@ -4,12 +4,16 @@ Under autocast the convolutions and matrix products run in bfloat16 or float16; 
 schedule, q_sample's noise arithmetic and the loss stay in float32 (the autocast op lists
 leave elementwise arithmetic alone, and Diffusion casts the model's output to float32).
 
-What --amp auto picks:
-- CUDA, compute capability 8.0 and newer (A100, L4, RTX 30xx/40xx, H100): bfloat16.
-- CUDA below 8.0 (T4, V100, RTX 20xx): float16 with loss scaling (a GradScaler). These
-  GPUs can hold bfloat16 tensors, so torch.cuda.is_bf16_supported() says yes, but they
-  have no bfloat16 tensor-core path: bf16 there is emulated and slow.
+What --amp auto picks, the fastest for this model where measured (benchmarks/README.md):
+- CUDA: float32 (on TF32 tensor cores where the GPU has them, hw2.fast.tune_process). The
+  homework's model is too small for a GPU's arithmetic: its step is bound by kernel
+  launches, autocast adds cast kernels to it, and float16's loss scaling keeps the step out
+  of a CUDA graph (hw2/fast/step.py).
 - CPUs with bfloat16 instructions (AVX512-BF16 or AMX): bfloat16; other CPUs and MPS: float32.
+
+--amp bf16 and fp16 stay for those who ask. On CUDA below compute capability 8.0 (T4,
+V100, RTX 20xx) bf16 is emulated and slow (torch.cuda.is_bf16_supported() says yes all
+the same): fp16, with loss scaling (a GradScaler), uses their float16 tensor cores.
 """
 import contextlib
 import sys
@@ -51,14 +55,12 @@ def amp_dtype(choice, device):
         if device.type == "cuda" and not cuda_has_native_bf16(device):
             major, minor = cuda_capability(device)
             warn_once(f"note: --amp bf16 on a GPU of compute capability {major}.{minor}: bfloat16 is emulated there "
-                      f"and slow; --amp fp16 (or auto) uses its float16 tensor cores")
+                      f"and slow; --amp fp16 uses its float16 tensor cores")
         return torch.bfloat16
     if choice == "fp16":
         if device.type != "cuda":
             raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 or --amp off here")
         return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
@@ -77,16 +79,15 @@ def describe_precision(choice, device, dtype):
     if choice != "auto":
         return f"{name} (--amp {choice})"
     if device.type == "cuda":
-        major, minor = cuda_capability(device)
-        native = "has" if cuda_has_native_bf16(device) else "has no"
-        return f"{name}: this GPU (compute capability {major}.{minor}) {native} native bf16"
+        return f"{name}: the fastest for this model on a GPU (its step is bound by kernel launches)"
     if device.type == "cpu":
         return f"{name}: this CPU {'has' if dtype else 'has no'} native bf16"
     return f"{name} on {device.type}"
 
 
-def autocast(device, dtype):
-    """The one autocast context of the project (a no-op for float32)."""
+def autocast(device, dtype, cache=True):
+    """The one autocast context of the project (a no-op for float32). cache: autocast's cache
+    of weights cast within the context (off inside a CUDA graph capture, as torch asks)."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, cache_enabled=cache)

@@ -356,7 +356,7 @@ def fast_classes(model):
     ("folded_attention", {layers.FoldedLinearAttention, layers.Residual}),
     ("attention_kernel", {layers.KernelPreNorm}), ("modulation_in_norm", {layers.Block}),
     ("sub_pixel_upsample", {layers.SubPixelUpsample}), ("base2_softmax", set()), ("channels_last", set()),
-    ("pass_size", set()), ("fused_adam", set())])
+    ("pass_size", set()), ("fused_adam", set()), ("captured_sampling", set())])
 def test_speed_up_swaps_in_each_lever_it_is_given_and_no_other(lever, classes):
     every = fast_classes(fast.speed_up(unet.Unet(8, dim_mults=(1, 2))))
     without = fast_classes(fast.speed_up(unet.Unet(8, dim_mults=(1, 2)), [x for x in fast.LEVERS if x != lever]))

@@ -72,17 +72,13 @@ class FakeGPU:
         monkeypatch.setattr(torch.version, "hip", None)
 
 
-@pytest.mark.parametrize("capability,expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
-                                                 ((8, 6), torch.bfloat16), ((9, 0), torch.bfloat16)])
-def test_auto_on_cuda_picks_bf16_only_where_it_is_native(monkeypatch, capability, expected):
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0), (8, 6), (9, 0)])
+def test_auto_on_cuda_picks_float32_which_was_fastest_on_a_gpu(monkeypatch, capability):
     FakeGPU(monkeypatch, capability)
-    assert amp_dtype("auto", "cuda") is expected
-    why = precision.describe_precision("auto", "cuda", expected)
-    major, minor = capability
-    if expected is torch.float16:
-        assert why == f"fp16 autocast with loss scaling: this GPU (compute capability {major}.{minor}) has no native bf16"
-    else:
-        assert why == f"bf16 autocast: this GPU (compute capability {major}.{minor}) has native bf16"
+    assert amp_dtype("auto", "cuda") is None
+    assert precision.describe_precision("auto", "cuda", None) == (
+        "float32: the fastest for this model on a GPU (its step is bound by kernel launches)")
+    assert amp_dtype("bf16", "cuda") is torch.bfloat16 and amp_dtype("fp16", "cuda") is torch.float16
 
 
 def test_bf16_asked_for_on_a_t4_is_allowed_with_one_warning(monkeypatch, capsys):
@@ -92,7 +88,7 @@ def test_bf16_asked_for_on_a_t4_is_allowed_with_one_warning(monkeypatch, capsys)
     assert amp_dtype("bf16", "cuda") is torch.bfloat16
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["note: --amp bf16 on a GPU of compute capability 7.5: bfloat16 is emulated there and slow; "
-                   "--amp fp16 (or auto) uses its float16 tensor cores"]
+                   "--amp fp16 uses its float16 tensor cores"]
     assert amp_dtype("fp16", "cuda") is torch.float16
 
 

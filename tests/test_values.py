@@ -112,8 +112,8 @@ def test_training_draws_every_t_from_0_to_T_minus_1_uniformly(tiny_config):
     torch.manual_seed(0)
     config = dataclasses.replace(tiny_config, image_size=SIDE, time_steps=T, batch_size=8)
     trainer = Trainer(true_noise_diffusion(known_images(8)), config, known_images(8, SIDE + 2))
-    x_0 = torch.zeros(8, 3, SIDE, SIDE)
-    t = torch.cat([trainer.draw_t_and_noise(x_0)[0] for _ in range(1000)])
+    draws = [t for _ in range(1000) for t, _ in trainer.one_step.draw()][:1000]  # the training step's own draws
+    t = torch.cat(draws)
     counts = torch.bincount(t, minlength=T)
     assert t.min() == 0 and t.max() == T - 1 and len(counts) == T
     assert ((counts - 800).abs() < 160).all(), counts.tolist()

@@ -11,6 +11,8 @@ Entry points, the only names the rest of the project uses:
     sampling(model)               the context for a reverse chain: the sampling-only levers
     images_per_pass(model, ...)   how many images one pass of the reverse chain draws
     make_adam(model, lr)          the optimizer
+    step_plan(device, ...)        whether the training step is captured in a CUDA graph, and why not
+    step_for_trainer(step, ...)   the training step as the Trainer calls it (hw2/fast/step.py)
     tune_process()                process-wide settings, once, where the process starts
     describe(model, device)       the start-up line's words (with --verbose)
 """
@@ -20,11 +22,12 @@ from hw2.fast import kernel
 from hw2.fast.memory import keep_freed_memory
 from hw2.fast.network import LEVERS, is_fast, plain, speed_up
 from hw2.fast.sampling import images_per_pass, sampling
+from hw2.fast.step import describe as describe_step, for_trainer as step_for_trainer, plan as step_plan
 
 _process = {}  # what tune_process() did in this process: {"freed_memory": note or None}
 
 __all__ = ["LEVERS", "for_run", "speed_up", "plain", "is_fast", "sampling", "images_per_pass", "make_adam", "tune_process",
-           "describe"]
+           "describe", "describe_step", "step_plan", "step_for_trainer"]
 
 
 def for_run(model, config):
@@ -33,17 +36,19 @@ def for_run(model, config):
     return plain(model) if config.plain else speed_up(model, channels_last=config.channels_last)
 
 
-def make_adam(model, lr):
+def make_adam(model, lr, capturable=False):
     """Adam over model's parameters. fused_adam: the fused kernel where this torch has it for
     these tensors (one kernel for all parameters instead of several per parameter; the same
-    update)."""
+    update). capturable: its state kept on the device, so that a CUDA graph can hold its step
+    (hw2/fast/step.py)."""
     params = list(model.parameters())
+    options = {"capturable": True} if capturable else {}
     if is_fast(model) and "fused_adam" in model.levers and params[0].device.type in ("cpu", "cuda"):
         try:
-            return torch.optim.Adam(params, lr=lr, fused=True)
+            return torch.optim.Adam(params, lr=lr, fused=True, **options)
         except (RuntimeError, TypeError, ValueError):
             pass
-    return torch.optim.Adam(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr, **options)
 
 
 def tune_process():

@@ -181,10 +181,19 @@ class SubPixelUpsample(nn.Sequential):
         # The 2x2 window at padded position p covers input rows p-1 and p; parity a's window for
         # output row 2i + a starts at p = i + a, so in pixel-shuffle order (parity 1 - a first)
         # output row 2i + a is shuffled row 2i + a + 1: crop one row and column each side.
-        rows = self.ROWS.flip(0).to(w.device, w.dtype)
+        rows = self.rows_for(w)
         kernel_2x2 = torch.einsum("ark,oikl,bcl->oabirc", rows, w, rows).reshape(-1, w.shape[1], 2, 2)
         y = F.conv2d(x, kernel_2x2, conv.bias.repeat_interleave(4), padding=1)  # (B, 4 O, H + 1, W + 1)
         return F.pixel_shuffle(y, 2)[:, :, 1:-1, 1:-1]  # (B, O, 2 H, 2 W)
+
+    def rows_for(self, w):
+        """ROWS in pixel-shuffle order, on w's device and in its dtype: made once and kept, so
+        that no forward copies a constant from the host (a synchronization, and no CUDA graph)."""
+        rows = self.__dict__.get("rows")
+        if rows is None or rows.device != w.device or rows.dtype != w.dtype:
+            with torch.inference_mode(False):  # made while sampling, used in training too
+                rows = self.__dict__["rows"] = self.ROWS.flip(0).to(w.device, w.dtype)
+        return rows
 
 
 def is_upsample(module):

@@ -6,7 +6,7 @@ stay the homework's, so checkpoints are the same either way.
 import torch
 
 import unet
-from hw2.fast import layers
+from hw2.fast import layers, replay
 from hw2.fast.state import sampling_now
 
 CPU_CHANNELS_LAST_PIXELS = 32 * 32  # on a CPU, sampling stores feature maps this large channels-last
@@ -19,7 +19,7 @@ SWAPS = {
     "modulation_in_norm": [(unet.Block, layers.Block)],
 }
 NETWORK_LEVERS = ("fused_norms", "folded_attention", "base2_softmax", "attention_kernel", "modulation_in_norm",
-                  "sub_pixel_upsample", "channels_last")
+                  "sub_pixel_upsample", "channels_last", "captured_sampling")
 RUN_LEVERS = ("pass_size", "fused_adam")  # read off the model by hw2.fast's entry points
 LEVERS = NETWORK_LEVERS + RUN_LEVERS
 
@@ -51,7 +51,14 @@ class FastUnet(unet.Unet):
         return torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, x, time):
-        """x: (B, C, H, W), time: (B,) long -> predicted noise (B, out_dim, H, W)."""
+        """x: (B, C, H, W), time: (B,) long -> predicted noise (B, out_dim, H, W). While sampling on
+        CUDA, with captured_sampling, replayed from a CUDA graph per pass shape (hw2/fast/replay.py)."""
+        if "captured_sampling" in self.levers and x.is_cuda and sampling_now():
+            return replay.replayed(self, self.evaluate, x, time)
+        return self.evaluate(x, time)
+
+    def evaluate(self, x, time):
+        """The network itself: unet.Unet.forward, step for step, with the channels-last rule."""
         x = self.init_conv(x.contiguous(memory_format=self.layout(x)))
         r = x
 
@@ -117,7 +124,7 @@ def plain(model):
         for cls in type(module).__mro__:
             if cls in homework_classes or cls is torch.nn.Sequential:
                 if type(module) is not cls:
-                    for name in ("base2", "levers", "channels_last"):  # what speed_up set
+                    for name in ("base2", "levers", "channels_last", "rows"):  # what speed_up and the layers set
                         module.__dict__.pop(name, None)
                     swap(module, cls)
                 break

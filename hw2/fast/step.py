@@ -1,0 +1,127 @@
+"""Levers on the whole training step (hw2/step.py), for CUDA GPUs, where the homework's step is
+bound by kernel launches (thousands of small kernels, each costing the host about 10 us to
+launch), not by arithmetic:
+
+- captured_step: the step recorded once in a CUDA graph and replayed every step (about 1 us
+  a kernel). Its t and noise come from the device's default generator inside the graph,
+  which advances it by as much per replay as the eager step does, so a resumed run draws
+  what an uninterrupted one would. The first WARMUP_STEPS steps run eagerly, on a side
+  stream, as torch asks before a capture.
+- joined_passes: the accumulation passes as one pass of passes x B images where the device
+  has the memory: the same images, t and noise (drawn in the same order), the same loss (a
+  mean of equal-sized means; the norms are per image), half the kernels.
+
+Where a capture cannot hold (several processes, float16's dynamic loss scaling, a model
+whose layers cannot be captured), the step runs eagerly and plan() says why.
+"""
+import torch
+
+from hw2.precision import warn_once
+
+WARMUP_STEPS = 3  # eager steps before the capture (torch's examples use a few)
+JOIN_MEMORY_SHARE = 0.5  # the joined pass may take at most this share of the device's free memory
+
+
+def plan(device, amp_dtype, processes, config):
+    """(capture, why): whether a run on `device` with this autocast dtype, these processes
+    (hw2.distributed.Processes) and this hw2.config.Config captures its training step, and in a
+    few words why not. --cuda_graph: None, wherever it holds; False, never. --plain: never."""
+    device = torch.device(device)
+    if config.plain:
+        return False, "--plain"
+    if config.cuda_graph is False:
+        return False, "--cuda_graph False"
+    if device.type != "cuda":
+        return False, f"no CUDA graphs on {device.type}"
+    if processes is not None and processes.distributed:
+        return False, "several processes"
+    if amp_dtype == torch.float16:
+        return False, "float16's dynamic loss scaling"
+    return True, None
+
+
+def describe(device, amp_dtype, processes, config):
+    """The start-up line's words on the training step, on a CUDA GPU; None elsewhere."""
+    if torch.device(device).type != "cuda":
+        return None
+    capture, why = plan(device, amp_dtype, processes, config)
+    return "the training step in one CUDA graph" if capture else f"the training step eager ({why})"
+
+
+class CudaStep:
+    """A hw2.step.TrainStep on a CUDA GPU: warm-up steps eagerly on a side stream, deciding on
+    the joined pass, then (capture) the step captured and replayed. Called like the step;
+    `load` and `inputs` are the step's own."""
+
+    def __init__(self, step, capture=True, join=True):
+        self.step = step
+        self.capture = capture
+        self.join = join  # joined_passes: decided after the first warm-up step
+        self.graph = None
+        self.loss = None  # the captured step's loss: the same tensor, rewritten by every replay
+        self.warm_steps = 0
+        self.failed = None  # why a capture failed, once it has
+
+    @property
+    def inputs(self):
+        return self.step.inputs
+
+    def load(self, batches):
+        self.step.load(batches)
+
+    def __call__(self):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss
+        if self.warm_steps < WARMUP_STEPS:
+            return self.warm_up()
+        if self.capture and not self.failed:
+            return self.record()
+        return self.step()
+
+    def warm_up(self):
+        """One step on a side stream, deciding on the joined pass after the first."""
+        first = self.warm_steps == 0
+        device = self.step.device
+        if first:
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            loss = self.step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.warm_steps += 1
+        if first and self.join and self.step.passes > 1:
+            pass_bytes = torch.cuda.max_memory_allocated(device) - before
+            free, _ = torch.cuda.mem_get_info(device)
+            self.step.joined = self.step.passes * pass_bytes <= JOIN_MEMORY_SHARE * free
+        return loss
+
+    def record(self):
+        """Capture the step, then replay it for this step."""
+        step = self.step
+        step.autocast_cache = False  # torch: no autocast weight cache inside a capture
+        step.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                loss = step()
+        except Exception as e:  # noqa: BLE001 - any layer that cannot be captured: run eagerly, say why
+            torch.cuda.synchronize(step.device)
+            step.opt.zero_grad(set_to_none=True)
+            step.autocast_cache = True
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warn_once(f"note: the training step could not be captured in a CUDA graph ({self.failed}); "
+                      f"it runs eagerly")
+            return self.step()
+        self.graph, self.loss = graph, loss
+        graph.replay()
+        return loss
+
+
+def for_trainer(step, capture):
+    """The step the Trainer calls: step itself on a CPU or MPS, a CudaStep on CUDA."""
+    if step.device.type != "cuda":
+        return step
+    return CudaStep(step, capture=capture)
