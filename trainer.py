@@ -52,8 +52,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DistributedDataParallel(diffusion, device_ids=ids, broadcast_buffers=False)
         self.amp_dtype = amp_dtype
-        capture, _ = fast.step_plan(self.device, amp_dtype, self.procs, config)
-        self.opt = fast.make_adam(self.model, config.learning_rate, capturable=capture)
+        capturable, _ = fast.step_plan(self.device, amp_dtype, self.procs, config)
+        self.opt = fast.make_adam(self.model, config.learning_rate, capturable=capturable)
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay else None
         self.sampler = diffusion.with_model(self.ema.model) if self.ema else diffusion  # what samples are drawn with
         # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
@@ -61,7 +61,7 @@ class Trainer:
         self.one_step = fast.step_for_trainer(
             TrainStep(diffusion, self.opt, batch_size=config.batch_size, passes=config.gradient_accumulate_every,
                       amp_dtype=amp_dtype, scaler=self.scaler, processes=self.procs, train_module=self.train_module),
-            capture)
+            config)
         self.step = 0
         self.saved_step = None  # the step of model-latest.pt as this process last wrote or read it
         self.last_loss = None
@@ -218,7 +218,7 @@ class Trainer:
                   disable=not self.procs.main) as bar:
             while self.step < cfg.train_steps and not self.procs.any(stop.signal is not None):
                 loss = self.train_step()
-                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # drawn when the bar next redraws
                 bar.update(1)
                 if self.logger:
                     self.logger.log({"loss": loss}, self.step, self.elapsed)

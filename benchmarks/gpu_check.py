@@ -79,10 +79,10 @@ def trainer_for(settings, device, dtype, folder, seed=0, capture=None, join=True
     side = int(config.image_size * 1.12)
     trainer = Trainer(diffusion, config, synthetic_images(settings["images"], side), amp_dtype=dtype)
     step = trainer.one_step
-    if hasattr(step, "join"):
+    if hasattr(step, "join"):  # CUDA: decided after the first step
         step.join = join
-    elif join and step.passes > 1:  # off CUDA the Trainer never joins: the dry run exercises it all the same
-        step.joined = True
+    else:  # a CPU joins under bf16 only: the dry run exercises both ways in every precision all the same
+        step.joined = join and step.passes > 1
     return trainer
 
 

@@ -1,9 +1,13 @@
-"""The one way this project writes a file: whole, or not at all.
+"""The ways this project writes a file: whole or not at all, and lines appended.
 
 write_atomic puts the bytes in a temporary file beside the target, flushes and fsyncs
 it, renames it over the target and fsyncs the folder, so a crash or a full disk at any
 moment leaves either the previous version or the new one, never part of one. A
 temporary file left by a killed process is removed by the next write of that target.
+
+append_lines adds whole lines to the end of a text file in one write: a process killed in
+the middle of it leaves at most one line without its newline, which complete_lines() leaves
+out when the file is read.
 """
 import io
 import os
@@ -41,6 +45,18 @@ def write_atomic(path, data, durable=True):
     if durable:
         fsync_folder(path.parent)
     return path
+
+
+def append_lines(path, text):
+    """Append text, whole lines each ending in a newline, to path in one write."""
+    assert text.endswith("\n"), "whole lines only"
+    with open(path, "a", encoding="utf-8", newline="") as f:
+        f.write(text)
+
+
+def complete_lines(text):
+    """text without a last line that has no newline (what a kill in append_lines can leave)."""
+    return text if text.endswith("\n") else text[: text.rfind("\n") + 1]
 
 
 def torch_bytes(obj):

@@ -12,14 +12,14 @@ import re
 import secrets
 from pathlib import Path
 
-from hw2.files import write_atomic
+from hw2.files import append_lines, complete_lines, write_atomic
 from hw2.images import grid, to_uint8
 
 PROJECT = "DDPM_AFHQ"
 METRICS_FILE = "metrics.csv"
 RUN_ID_FILE = "wandb-run-id"  # in the save folder: the W&B run every command on this folder continues
 COLUMNS = ("step", "loss", "fid", "heldout_loss", "elapsed_s")
-FLUSH_EVERY = 50  # logged rows between rewrites of metrics.csv
+FLUSH_EVERY = 50  # logged rows between appends to metrics.csv
 
 
 def wandb_logged_in():
@@ -45,20 +45,29 @@ def run_name(save_folder):
 
 
 def read_metrics(save_folder):
-    """The rows of metrics.csv as dicts of floats, the step an int (None where a value is blank)."""
+    """The rows of metrics.csv as dicts of floats, the step an int (None where a value is blank).
+    A last line cut short by a kill in the middle of an append is left out."""
     path = Path(save_folder) / METRICS_FILE
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        rows = []
-        for row in csv.DictReader(f):
-            try:
-                values = {k: (float(row[k]) if row.get(k) else None) for k in COLUMNS}
-                values["step"] = int(values["step"])
-                rows.append(values)
-            except (ValueError, TypeError, KeyError):
-                continue  # not a row this version wrote
-        return rows
+    rows = []
+    for row in csv.DictReader(io.StringIO(complete_lines(path.read_text(encoding="utf-8")), newline="")):
+        try:
+            values = {k: (float(row[k]) if row.get(k) else None) for k in COLUMNS}
+            values["step"] = int(values["step"])
+            rows.append(values)
+        except (ValueError, TypeError, KeyError):
+            continue  # not a row this version wrote
+    return rows
+
+
+def csv_text(rows, header):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return text.getvalue()
 
 
 class RunLog:
@@ -66,7 +75,8 @@ class RunLog:
         self.folder = Path(config.save_folder)
         self.path = self.folder / METRICS_FILE
         self.rows = read_metrics(self.folder)
-        self.unsaved = 0
+        whole = not self.path.is_file() or self.path.read_bytes().endswith(b"\n")
+        self.on_disk = len(self.rows) if whole else None  # rows metrics.csv holds as they are; None: rewrite it
         self.run = None
         mode = wandb_mode(wandb_choice)
         if mode != "disabled":
@@ -115,13 +125,14 @@ class RunLog:
         """values: a dict with some of loss and fid."""
         if self.rows and self.rows[-1]["step"] == step:
             self.rows[-1].update(values)  # FID joins the loss of its step
+            if self.on_disk == len(self.rows):
+                self.on_disk = None  # a row already written changed: the file is rewritten
         else:
             self.rows.append({**dict.fromkeys(COLUMNS), "step": step, "elapsed_s": round(elapsed, 3), **values})
-        self.unsaved += 1
         if self.run is not None:
             self.run.log(values, step=step)
-        if self.unsaved >= FLUSH_EVERY or "loss" not in values:  # milestone figures are written at once
-            self.flush()
+        if len(self.rows) - (self.on_disk or 0) >= FLUSH_EVERY or "loss" not in values:
+            self.flush()  # milestone figures are written at once
 
     def log_images(self, name, images, step):
         """images: (B, C, H, W) in [0, 1], logged to wandb as one grid."""
@@ -153,17 +164,17 @@ class RunLog:
         return "wandb sync " + " ".join(str(p) for p in parts)
 
     def flush(self, force=False):
-        """Rewrite metrics.csv whole, through a temporary file renamed into place, so a crash
-        leaves the previous version rather than a half-written line."""
-        if not (self.unsaved or force):
+        """Bring metrics.csv up to date: new rows appended (hw2.files.append_lines: a kill leaves at
+        most a cut last line, which read_metrics leaves out); rewritten whole, atomically, where a
+        written row changed, after a truncate, and with force."""
+        if self.on_disk == len(self.rows) and not force:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in self.rows)
-        write_atomic(self.path, text.getvalue())
-        self.unsaved = 0
+        if self.on_disk is None or force or not self.path.is_file():
+            write_atomic(self.path, csv_text(self.rows, header=True))
+        else:
+            append_lines(self.path, csv_text(self.rows[self.on_disk:], header=False))
+        self.on_disk = len(self.rows)
 
     def finish(self):
         """Write what is left and close the W&B run; when it was logged offline, say how to

@@ -2,7 +2,7 @@
 halfway through the Nth write of a file whose name starts with NAME.
 
 The hook replaces the `open` of hw2.files, through which every file is written: the Nth
-file opened for writing whose name is NAME (or a temporary of it) gets half its bytes,
+file opened for writing or appending whose name is NAME (or a temporary of it) gets half its bytes,
 flushed and fsynced so they are really on disk, and then the process dies. No sleep, no
 race: the kill lands inside that write, every time."""
 import os
@@ -41,7 +41,7 @@ def main():
         nonlocal seen
         f = open(path, mode, *rest, **kwargs)
         base = Path(path).name
-        if "w" in mode and (base.startswith(name) or base.startswith(f".{name}")):
+        if ("w" in mode or "a" in mode) and (base.startswith(name) or base.startswith(f".{name}")):
             seen += 1
             if seen == nth:
                 return HalfThenDie(f)

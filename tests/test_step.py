@@ -144,8 +144,24 @@ def test_the_step_is_captured_wherever_a_capture_holds_and_says_why_not(device, 
                          f"the training step eager ({expected[1]})")
 
 
-def test_on_a_cpu_the_trainer_calls_the_step_itself_with_a_plain_adam(tiny_config):
+@pytest.mark.parametrize("amp,plain,accumulate,size,joined", [
+    ("off", False, 2, 16, False),  # float32's larger pass is slower on a CPU
+    ("bf16", False, 2, 16, True),
+    ("bf16", True, 2, 16, False),  # --plain: no lever
+    ("bf16", False, 1, 16, False),  # one pass: nothing to join
+    ("bf16", False, 2, 64, False),  # 2 x 4 images of 64 px: more pixels than the homework's 2 x 32 of 32 px
+])
+def test_on_a_cpu_the_trainer_calls_the_step_itself_joined_only_under_bf16(tiny_config, amp, plain, accumulate,
+                                                                           size, joined):
+    config = dataclasses.replace(tiny_config, amp=amp, plain=plain, gradient_accumulate_every=accumulate,
+                                 image_size=size, batch_size=4 if size == 16 else 32)
+    diffusion = build(config)
+    step = TrainStep(diffusion, torch.optim.SGD(diffusion.model.parameters(), lr=0.1), batch_size=config.batch_size,
+                     passes=accumulate, amp_dtype=torch.bfloat16 if amp == "bf16" else None)
+    assert fast.step_for_trainer(step, config) is step and step.joined is joined
+
+
+def test_on_a_cpu_the_trainer_builds_a_plain_adam(tiny_config):
     _, images = training_data(tiny_config, progress=False)
     trainer = Trainer(build(tiny_config), tiny_config, images)
-    assert isinstance(trainer.one_step, TrainStep) and not trainer.one_step.joined
-    assert not trainer.opt.defaults.get("capturable")
+    assert isinstance(trainer.one_step, TrainStep) and not trainer.opt.defaults.get("capturable")

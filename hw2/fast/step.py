@@ -9,7 +9,8 @@ launch), not by arithmetic:
   stream, as torch asks before a capture.
 - joined_passes: the accumulation passes as one pass of passes x B images where the device
   has the memory: the same images, t and noise (drawn in the same order), the same loss (a
-  mean of equal-sized means; the norms are per image), half the kernels.
+  mean of equal-sized means; the norms are per image), half the kernels. On a CPU it pays
+  under bf16 autocast only (float32's larger pass runs slower there: hw2/fast/README.md).
 
 Where a capture cannot hold (several processes, float16's dynamic loss scaling, a model
 whose layers cannot be captured), the step runs eagerly and plan() says why.
@@ -19,7 +20,8 @@ import torch
 from hw2.precision import warn_once
 
 WARMUP_STEPS = 3  # eager steps before the capture (torch's examples use a few)
-JOIN_MEMORY_SHARE = 0.5  # the joined pass may take at most this share of the device's free memory
+JOIN_MEMORY_SHARE = 0.5  # on CUDA the joined pass may take at most this share of the device's free memory
+CPU_JOIN_PIXELS = 64 * 32 * 32  # on a CPU, joined passes of at most this many pixels: the homework's 2 x 32 images
 
 
 def plan(device, amp_dtype, processes, config):
@@ -120,8 +122,16 @@ class CudaStep:
         return loss
 
 
-def for_trainer(step, capture):
-    """The step the Trainer calls: step itself on a CPU or MPS, a CudaStep on CUDA."""
-    if step.device.type != "cuda":
+def for_trainer(step, config):
+    """The step the Trainer calls, as the run's hw2.config.Config asks: on CUDA a CudaStep
+    (captured where plan() allows); on a CPU under bf16 autocast, with its passes joined
+    where they are no larger than the homework's (CPU_JOIN_PIXELS); with --plain, step itself."""
+    if config.plain:
         return step
-    return CudaStep(step, capture=capture)
+    if step.device.type == "cuda":
+        capture, _ = plan(step.device, step.amp_dtype, step.procs, config)
+        return CudaStep(step, capture=capture)
+    if step.device.type == "cpu" and step.amp_dtype == torch.bfloat16:
+        passes, b, _, h, w = step.inputs.shape
+        step.joined = passes > 1 and passes * b * h * w <= CPU_JOIN_PIXELS
+    return step
