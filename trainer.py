@@ -68,6 +68,7 @@ class Trainer:
         self.last_fid = None
         self.milestone_images = None  # (step, images) of the newest milestone, reused by the final grid
         self.elapsed_before = 0.0  # training seconds spent before this process started
+        self.resumed = False  # from a checkpoint of this project's (not the homework's weights-only format)
         self.started = time.monotonic()
 
     @property
@@ -100,12 +101,49 @@ class Trainer:
         return generate(self.sampler, n, seed, self.amp_dtype, self.procs, progress=True)
 
     def milestone(self):
-        """Save a checkpoint, then draw and save samples, then the held-out loss, FID and plots."""
+        """Save a checkpoint, then make the milestone's outputs."""
         m = self.step // self.config.save_and_sample_every
         if self.logger:
             self.logger.flush()
         self.save(self.folder.checkpoint(m))
-        n = max(self.config.num_samples, self.config.fid_num_samples if self.config.fid else 0)
+        self.milestone_outputs(m)
+
+    def samples_drawn(self):
+        """How many images a milestone draws: the grid's, or FID's where more."""
+        return max(self.config.num_samples, self.config.fid_num_samples if self.config.fid else 0)
+
+    def missing_outputs(self, m):
+        """What of milestone m's outputs (at this step) is not in the run folder: [] when all is."""
+        missing = []
+        if len(list(self.folder.samples(m).glob("*.png"))) < self.samples_drawn():
+            missing.append(f"{self.folder.samples(m).name}/")
+        if not self.folder.grid(m).is_file():
+            missing.append(self.folder.grid(m).name)
+        row = next((r for r in self.logger.rows if r["step"] == self.step), {}) if self.logger else {}
+        if self.fid and row.get("fid") is None:
+            missing.append("its FID")
+        if self.heldout is not None and row.get("heldout_loss") is None:
+            missing.append("its held-out loss")
+        return missing
+
+    def complete_milestone(self):
+        """A run resumed from a milestone's checkpoint whose outputs a stop interrupted makes them
+        first: the same seed, so the same images an uninterrupted run made."""
+        every = self.config.save_and_sample_every
+        if not self.resumed or self.step == 0 or self.step % every:
+            return
+        m = self.step // every
+        missing = self.missing_outputs(m) if self.procs.main else []
+        if not self.procs.any(bool(missing)):  # a collective: every process draws its share
+            return
+        if self.procs.main:
+            tqdm.write(f"step {self.step}: milestone {m} was interrupted before {', '.join(missing)} "
+                       f"{'was' if len(missing) == 1 else 'were'} made: making {'it' if len(missing) == 1 else 'them'} now")
+        self.milestone_outputs(m)
+
+    def milestone_outputs(self, m):
+        """Draw and save milestone m's samples and grid, then the held-out loss, FID and plots."""
+        n = self.samples_drawn()
         images = self.sample(n, seed=self.config.seed + m)
         self.milestone_images = (self.step, images)
         if not self.procs.main:
@@ -176,6 +214,7 @@ class Trainer:
             if self.ema:
                 self.ema.load_state_dict(self.model.state_dict())
             return
+        self.resumed = True
         self.elapsed_before = float(ckpt.get("elapsed", 0.0))
         self.started = time.monotonic()
         self.opt.load_state_dict(ckpt["optimizer"])
@@ -214,6 +253,9 @@ class Trainer:
 
     def _loop(self, stop):
         cfg = self.config
+        stop.phase = "milestone"
+        self.complete_milestone()
+        stop.phase = "step"
         with tqdm(initial=self.step, total=cfg.train_steps, desc="steps", dynamic_ncols=True,
                   disable=not self.procs.main) as bar:
             while self.step < cfg.train_steps and not self.procs.any(stop.signal is not None):

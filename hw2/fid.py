@@ -135,10 +135,11 @@ class FID:
     def features(self, files, transform=None, description=""):
         """clean-fid's own pipeline ("clean" mode: PIL bicubic to 299 px) over image files."""
         workers = min(8, os.cpu_count() or 1) if len(files) >= 1000 else 0
-        return cleanfid.get_files_features(
-            files, self.feature_fn, num_workers=workers, batch_size=FEATURE_BATCH, device=self.device,
-            mode="clean", custom_image_tranform=transform, description=description, verbose=bool(description),
-        )
+        with torch.random.fork_rng(devices=[]):  # its DataLoader draws a seed: training's draws stay as they were
+            return cleanfid.get_files_features(
+                files, self.feature_fn, num_workers=workers, batch_size=FEATURE_BATCH, device=self.device,
+                mode="clean", custom_image_tranform=transform, description=description, verbose=bool(description),
+            )
 
     def real_features(self, description=""):
         """Features of the training images, each first brought to the size the model generates."""

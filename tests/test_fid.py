@@ -42,6 +42,19 @@ def test_fid_is_near_zero_for_the_same_images_and_grows_with_perturbation(real_f
     assert scores[0] < scores[1] < scores[2] < scores[3]
 
 
+def test_fid_leaves_the_training_randomness_where_it_was(real_folder, tmp_path):
+    """clean-fid's DataLoader draws a seed from torch's generator: a run would train on other t and
+    noise after each FID (and with a cold statistics cache than a warm one) were it not forked."""
+    files = sorted(real_folder.iterdir())
+    fid = FID(pooled, files, 16, tmp_path / "cache", "cpu", extractor_name="pooled")
+    torch.manual_seed(0)
+    fid.prepare()
+    fid(real_folder)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
+
+
 def test_real_statistics_are_computed_once(real_folder, tmp_path):
     files = find_images(real_folder.parent, "cat")
     calls = []
