@@ -9,6 +9,7 @@ Images are rows, steps are labelled columns.
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from diffusion import unnormalize
 from hw2 import fast
@@ -36,14 +37,16 @@ def forward_images(diffusion, x_0, ts, generator):
 
 
 @torch.no_grad()
-def backward_images(diffusion, x_start, ts, generator):
+def backward_images(diffusion, x_start, ts, generator, progress=False):
     """Run p_sample from t = max(ts) down to 0; [(B, C, H, W) in [-1, 1] for each t in ts],
-    where the entry for t is the chain's state x_t and the smallest t gets the final output."""
+    where the entry for t is the chain's state x_t and the smallest t gets the final output.
+    progress: show a bar over the chain's steps."""
     top = max(ts)
     keep = {t: None for t in ts}
     x = x_start
     keep[top] = x
-    for i in reversed(range(top + 1)):
+    for i in tqdm(reversed(range(top + 1)), total=top + 1, desc="backward diffusion", unit="step", leave=False,
+                  disable=not progress):
         x = diffusion.p_sample(x, torch.full((x.shape[0],), i, device=x.device), i, generator=generator)
         if i - 1 in keep:
             keep[i - 1] = x
@@ -79,7 +82,7 @@ def visualize(diffusion, sampler, images, config, amp_dtype=None, logger=None):
     generator = torch.Generator(device=device).manual_seed(config.seed)
     forward = forward_images(diffusion, x_0, ts, generator)
     with fast.sampling(sampler.model), autocast(device, amp_dtype):
-        backward = [x.float() for x in backward_images(sampler, forward[-1], ts, generator)]
+        backward = [x.float() for x in backward_images(sampler, forward[-1], ts, generator, progress=True)]
 
     folder = Path(config.save_folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 import main
+from hw2.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
 from diffusion import Diffusion
 from hw2.data import Batches, center_crops
 from hw2.images import PADDING
@@ -154,6 +155,9 @@ def test_every_column_of_metrics_csv_continues_across_a_resume(image_root, tmp_p
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main.main([*base, "--save_folder", str(whole), "--train_steps", "4"]) == 0
     assert main.main([*base, "--save_folder", str(split), "--train_steps", "2"]) == 0
+    ckpt = load_checkpoint(split / "model-latest.pt")
+    stored = ckpt["elapsed"] = 1000.0  # training seconds up to step 2, as if the run had been long
+    save_checkpoint(checkpoint_bytes(ckpt), split / "model-latest.pt")
     assert main.main([*base, "--save_folder", str(split), "--train_steps", "4", "--load_path", str(split)]) == 0
 
     def rows(folder):
@@ -164,6 +168,8 @@ def test_every_column_of_metrics_csv_continues_across_a_resume(image_root, tmp_p
     assert [r["step"] for r in ours] == ["1", "2", "3", "4"]
     elapsed = [float(r["elapsed_s"]) for r in ours]
     assert all(a < b for a, b in zip(elapsed, elapsed[1:])), elapsed
+    # the resumed steps count from the stored time, not from a new clock, nor with the pause in it
+    assert stored < elapsed[2] < elapsed[3] < stored + 60, (stored, elapsed)
     assert [float(r["loss"]) for r in ours] == pytest.approx([float(r["loss"]) for r in reference], abs=1e-6)
 
 

@@ -35,11 +35,13 @@ def test_backward_starts_from_the_noise_itself_and_runs_the_chain():
     assert torch.equal(backward[0], x)  # the 0 % column is the chain's final output
 
 
-def test_visualize_from_a_checkpoint(image_root, tmp_path):
+def test_visualize_from_a_checkpoint(image_root, tmp_path, capsys):
     out = tmp_path / "results"
     base = [*TINY, "--data_path", str(image_root), "--save_folder", str(out), "--cache_dir", str(tmp_path / "c")]
     assert main.main([*base, "--train_steps", "2", "--save_and_sample_every", "2"]) == 0
+    capsys.readouterr()
     assert main.main([*base, "--visualize", "--load_path", str(out / "model-latest.pt"), "--wandb", "offline"]) == 0
+    assert "backward diffusion:" in capsys.readouterr().err  # the reverse chain shows its progress
     for name in ("forward_diffusion.png", "backward_diffusion.png"):
         w, h = Image.open(out / name).size
         assert w > 5 * 100 and h > 4 * 100  # 5 labelled columns, 4 image rows
