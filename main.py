@@ -250,8 +250,8 @@ def finished(config, ckpt, path):
     """What a resume of a run that already reached --train_steps says instead of training."""
     step = int(ckpt.get("step", 0))
     return (f"{path} is finished: it reached step {step} of --train_steps {config.train_steps}; nothing was changed. "
-            f"To train it further: python main.py --load_path {config.save_folder} --train_steps {step + 1000} "
-            f"(or more); to draw images from it: --sample N")
+            f"To train it as long again: python main.py --load_path {config.save_folder} --train_steps {2 * step} "
+            f"(any number above {step}); to draw images from it: --sample N")
 
 
 def sampling_weights(diffusion, ckpt, path):

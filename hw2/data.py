@@ -34,7 +34,7 @@ def find_images(data_path, data_class):
     root = Path(data_path)
     if not root.is_dir():
         raise UserError(
-            f"data folder {root} does not exist: download AFHQ with `python -m hw2.afhq` "
+            f"data folder {data_path} does not exist: download AFHQ with `python -m hw2.afhq` "
             f"or point --data_path at a folder of class subfolders"
         )
     folder = root if data_class == "all" else root / data_class

@@ -16,7 +16,6 @@ def download(url, target, progress=True, timeout=30, offline_hint=""):
     target = Path(target)
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -32,6 +31,7 @@ def download(url, target, progress=True, timeout=30, offline_hint=""):
         raise UserError(
             f"cannot download {url} ({reason}){'; ' + offline_hint if offline_hint else ''}"
         ) from None
+    target.parent.mkdir(parents=True, exist_ok=True)  # only once there is something to write: a refusal creates nothing
     with response:
         resumed = response.status == 206
         if not resumed:

@@ -30,6 +30,8 @@ def test_find_images_takes_any_case_and_skips_hidden_folders(tmp_path):
 def test_missing_folder_says_how_to_get_data(tmp_path):
     with pytest.raises(UserError, match="does not exist.*hw2.afhq"):
         find_images(tmp_path / "nope", "cat")
+    with pytest.raises(UserError, match=r"^data folder \./nope does not exist"):  # the path as the user typed it
+        find_images("./nope", "cat")
 
 
 def test_missing_class_names_the_classes_there(image_root):

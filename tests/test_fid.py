@@ -142,6 +142,7 @@ def test_without_weights_and_network_the_run_stops_before_training(image_root, t
     err = capsys.readouterr().err
     assert "inception-2015-12-05.pt" in err and "--inception_path" in err and "Traceback" not in err
     assert not list(out.glob("model-*.pt"))
+    assert not (tmp_path / "c").exists()  # the refused start created no cache folder for the weights
 
 
 def test_training_with_fid(image_root, tmp_path, standin_file):

@@ -39,6 +39,33 @@ def test_notebook_runs_every_cell(image_root, tmp_path, standin_file):
     assert "is finished: it reached step 3" in text  # "Run all" reached the recovery cell: nothing drawn again
 
 
+def test_run_all_stops_at_the_first_failed_cell_with_one_message(image_root, tmp_path):
+    """The FID experiment fails (no Inception weights where they are said to be): "Run all" stops
+    at that cell with one message and no traceback; no later cell runs on what it did not make."""
+    nb = nbformat.read(ROOT / "run_in_colab.ipynb", as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    common = (f"--image_size 16 --batch_size 4 --unet_dim 8 --unet_dim_mults 1 2 --time_steps 5 --num_samples 4 "
+              f"--fid_num_samples 6 --inception_path {tmp_path / 'missing.pt'} --wandb disabled")
+    params.source = "\n".join([
+        'REPO_URL = ""', "INSTALL = False", "USE_DRIVE = False", "GPU_CHECK = False", 'GPU_CHECK_ARGS = ""',
+        "DOWNLOAD_AFHQ = False", 'AFHQ_ARCHIVE = ""', f"DATA = {json.dumps(str(image_root))}", 'CLASS = "cat"',
+        f"OUT = {json.dumps(str(tmp_path / 'out'))}", f"CACHE = {json.dumps(str(tmp_path / 'cache'))}",
+        f"COMMON = {json.dumps(common)}", "QUICK_STEPS = 2", "FID_STEPS, FID_EVERY = 4, 2", "FULL_STEPS = 3",
+    ])
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    with pytest.raises(nbclient.exceptions.CellExecutionError):
+        client.execute()
+    errors = [(i, o) for i, c in enumerate(nb.cells) if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.output_type == "error"]
+    assert len(errors) == 1, errors
+    failed, error = errors[0]
+    assert "--fid" in nb.cells[failed].source and error.ename == "Stop"
+    assert error.traceback == [f"Stopped here: {error.evalue}"]  # the message alone
+    assert error.evalue.startswith("training failed (exit status 1); its own message above says why")
+    later = [c for c in nb.cells[failed + 1:] if c.cell_type == "code"]
+    assert later and all(not c.get("outputs") and c.get("execution_count") is None for c in later)
+
+
 def cells(nb, *starts):
     """The code cells whose source starts with one of `starts`, in the notebook's order."""
     return [c for c in nb.cells if c.cell_type == "code" and c.source.lstrip().startswith(starts)]
@@ -98,8 +125,9 @@ def test_opened_alone_it_clones_the_project_and_a_recycled_vm_gets_its_data_back
     vm = tmp_path / "vm"
     vm.mkdir()
     text, errors = run_cells(nb, [nbformat.v4.new_code_cell('REPO_URL = ""'), settings, *opening], vm)
-    assert len(errors) == 1 and errors[0].startswith("SystemExit: This notebook needs the project's files: set "
+    assert len(errors) == 1 and errors[0].startswith("Stop: This notebook needs the project's files: set "
                                                      "REPO_URL in the settings cell"), errors
+    assert "To exit" not in text  # IPython's warning for SystemExit
     assert not (vm / "ddpm").exists()
 
     with_url = nbformat.v4.new_code_cell(f"REPO_URL = {json.dumps(str(ROOT))}")

@@ -21,7 +21,8 @@ def test_a_finished_run_says_so_and_touches_nothing(image_root, tmp_path, capsys
     assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--wandb", "offline"]) == 0
     said = capsys.readouterr().out
     assert "is finished: it reached step 2 of --train_steps 2; nothing was changed" in said
-    assert f"python main.py --load_path {out} --train_steps 1002" in said and "training completed" not in said
+    assert f"To train it as long again: python main.py --load_path {out} --train_steps 4 (any number above 2)" in said
+    assert "training completed" not in said
     assert snapshot(out) == before  # not a byte changed, no W&B run started
     assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--train_steps", "3"]) == 0
     assert "training completed: step 3 of 3" in capsys.readouterr().out  # further, when asked
