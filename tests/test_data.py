@@ -181,3 +181,17 @@ def test_decompression_bombs_are_skipped(tmp_path, monkeypatch):
     images, skipped = load_images(find_images(tmp_path, "cat"), 20)
     assert images.shape[0] == 2
     assert sorted(p.name for p in skipped) == ["big.png", "bomb.png"]
+
+
+def test_the_cache_key_changes_when_a_file_is_rewritten(image_root):
+    """A file rewritten in place (same name, maybe the same size) gets a new modification time,
+    and with it a new key: the cache of the old pixels is never served for the new ones."""
+    from hw2.data import files_key
+
+    files = find_images(image_root, "cat")
+    before = files_key(files, "tag")
+    assert files_key(files, "tag") == before and files_key(files, "other") != before
+    st = files[3].stat()
+    os.utime(files[3], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert files_key(files, "tag") != before
+    assert files_key(files[:-1], "tag") != files_key(files, "tag")

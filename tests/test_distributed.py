@@ -64,6 +64,9 @@ def test_two_processes_equal_one_at_twice_the_batch_and_resume_across_counts(ima
     assert "2 processes" in two.stdout
     names = lambda folder: sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))  # noqa: E731
     assert names(tmp_path / "two") == names(tmp_path / "one")
+    # each process drew its share of the samples from a generator of its own: four different images
+    drawn = [p.read_bytes() for p in sorted((tmp_path / "two" / "sample_ddpm_1").glob("*.png"))]
+    assert len(drawn) == 4 and len(set(drawn)) == 4
 
     # the 2-process checkpoint resumed for step 2 in one process and in two: the same step (its data,
     # t and noise come from the checkpoint's states, whatever the process count)

@@ -48,3 +48,34 @@ def test_visualize_from_a_checkpoint(image_root, tmp_path, capsys):
     _, history = logged(next(out.glob("wandb/offline-run-*/run-*.wandb")))
     keys = {k.split("/")[0] for row in history for k in row}
     assert {"forward_diffusion", "backward_diffusion"} <= keys
+
+
+def test_the_figures_noise_each_t_afresh_and_denoise_from_the_forwards_last_column(image_root, tmp_path, monkeypatch):
+    """What visualize() hands the two figures: the backward figure starts from the very image the
+    forward one ends on (99 %), and each forward column has noise of its own (the noise implied
+    by x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps is uncorrelated between columns)."""
+    import dataclasses
+
+    from hw2 import visualize as vis
+    from hw2.config import Config
+    from hw2.data import Batches, training_data
+
+    config = Config(data_path=str(image_root), image_size=16, time_steps=20, batch_size=8, save_folder=str(tmp_path),
+                    cache_dir=str(tmp_path / "c"))
+    _, images = training_data(config, progress=False)
+    d = Diffusion(ConstantNoise(0.1), image_size=16, timesteps=20)
+    drawn = {}
+    monkeypatch.setattr(vis, "figure", lambda columns, labels, title, path: drawn.setdefault(title, columns) and path)
+    vis.visualize(d, d, images, dataclasses.replace(config))
+    forward, backward = drawn["Forward diffusion q(x_t | x_0)"], drawn["Backward diffusion p(x_{t-1} | x_t)"]
+    assert torch.equal(backward[0], forward[-1])  # 99 %: the same noise image, then denoised
+
+    x_0 = Batches.to_model(next(Batches(images, 16, 8, seed=config.seed))[: vis.MAX_ROWS], "cpu")
+    noises = []
+    for t, x_t in zip(step_indices(20)[1:], forward[1:]):
+        abar = d.alphas_cumprod[t]
+        noises.append(((x_t - abar.sqrt() * x_0) / (1 - abar).sqrt()).flatten())
+    for i in range(len(noises)):
+        for j in range(i):
+            corr = torch.corrcoef(torch.stack([noises[i], noises[j]]))[0, 1]
+            assert abs(corr) < 0.1, (i, j, corr)  # 6,144 values each: independent draws give |corr| ~ 0.013
