@@ -169,6 +169,9 @@ def print_config(config, taken, source, device, dtype, procs, model):
     details = (f"; sampling {fast.images_per_pass(model, device, config.image_size, dtype)} images per pass; "
                f"{fast.describe(model, device)}") if config.verbose else ""
     print(f"  (running on {device}, {describe_precision(config.amp, device, dtype)}{processes}{details})")
+    note = None if config.plain else fast.edited_note()
+    if note:
+        print(f"  {note}")
 
 
 def run(config, given=(), procs=None, procs_device=None):

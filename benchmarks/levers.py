@@ -85,10 +85,10 @@ def phases(name, figures):
 
 
 def prepare(model, levers):
-    fast.plain(model)
-    if levers is not None:
-        fast.speed_up(model, levers)
-    return model
+    """A fresh copy of the homework model `model` (its weights), made fast with `levers` (None: plain)."""
+    copy = Unet(DIM, dim_mults=MULTS)
+    copy.load_state_dict(model.state_dict())
+    return copy if levers is None else fast.speed_up(copy, levers)
 
 
 def train_seconds(diffusion, dtype, steps):
@@ -129,14 +129,14 @@ def project(step_s, image_s):
 
 def measure(dtype, reps, steps, evaluations):
     torch.manual_seed(0)
-    diffusion = Diffusion(Unet(DIM, dim_mults=MULTS), image_size=SIZE, timesteps=T)
+    homework = Unet(DIM, dim_mults=MULTS)
     configs = configurations()
     step, image = {name: [] for name in configs}, {name: [] for name in configs}
     for rep in range(reps):
         order = list(configs)
         random.Random(rep).shuffle(order)
         for name in order:
-            prepare(diffusion.model, configs[name])
+            diffusion = Diffusion(prepare(homework, configs[name]), image_size=SIZE, timesteps=T)
             step[name].append(train_seconds(diffusion, dtype, steps))
             image[name].append(sample_seconds_per_image(diffusion.model, dtype, evaluations))
         print(f"  repetition {rep + 1} of {reps} done", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ import unet
 from conftest import ROOT, golden_cases, needs_golden
 from diffusion import Diffusion
 from hw2 import fast
-from hw2.fast import kernel, layers
+from hw2.fast import kernel, layers, network
 from hw2.fast.network import FastUnet
 from hw2.fast.state import sampling_now
 from hw2.precision import autocast
@@ -125,8 +125,7 @@ def pixels(x):
 @pytest.mark.parametrize("channels,side,layout", [(16, 32, torch.channels_last), (32, 16, torch.contiguous_format)])
 def test_sampling_takes_the_softmaxes_in_base_2_to_the_same_numbers(channels, side, layout, monkeypatch):
     homework = perturbed(unet.LinearAttention(channels), seed=channels)
-    ours = fast_copy(homework, layers.FoldedLinearAttention)
-    ours.base2 = True
+    ours = fast_copy(homework, layers.Base2FoldedLinearAttention)
     taken, base2 = [], layers.FoldedLinearAttention.takes_base2
     monkeypatch.setattr(layers.FoldedLinearAttention, "takes_base2",
                         lambda self, x_t: taken.append(base2(self, x_t)) or taken[-1])
@@ -146,8 +145,7 @@ def test_softmaxes_beyond_the_exponent_bound_take_the_usual_way(monkeypatch):
     homework = perturbed(unet.LinearAttention(16))
     with torch.no_grad():
         homework.to_qkv.weight.mul_(40)
-    ours = fast_copy(homework, layers.FoldedLinearAttention)
-    ours.base2 = True
+    ours = fast_copy(homework, layers.Base2FoldedLinearAttention)
     x = torch.randn(2, 16, 32, 32) * 3
     with fast.sampling(ours):
         assert not ours.takes_base2(pixels(x))
@@ -156,8 +154,7 @@ def test_softmaxes_beyond_the_exponent_bound_take_the_usual_way(monkeypatch):
         monkeypatch.setattr(layers.FoldedLinearAttention, "takes_base2", lambda self, x_t: True)  # were it taken
         assert not torch.isfinite(ours(x)).all()
     monkeypatch.undo()
-    small = fast_copy(perturbed(unet.LinearAttention(16)), layers.FoldedLinearAttention)
-    small.base2 = True
+    small = fast_copy(perturbed(unet.LinearAttention(16)), layers.Base2FoldedLinearAttention)
     x = torch.randn(2, 16, 32, 32)
     spike = x.clone()
     row = small.to_qkv.weight[0].flatten()
@@ -197,7 +194,8 @@ def stored_channels_last(model, x, t):
 
 
 def test_sampling_on_a_cpu_stores_the_large_maps_channels_last_and_nothing_else_does():
-    model, t = fast.speed_up(unet.Unet(8)), torch.tensor([3, 9])
+    homework, t = unet.Unet(8), torch.tensor([3, 9])
+    model = fast.speed_up(copy.deepcopy(homework))
     x = torch.randn(2, 3, 32, 32)
     with fast.sampling(model):
         sampling = stored_channels_last(model, x, t)
@@ -208,8 +206,8 @@ def test_sampling_on_a_cpu_stores_the_large_maps_channels_last_and_nothing_else_
         assert not any(stored_channels_last(model, x, t).values())  # no gradient is not sampling
     with fast.sampling(model):
         assert not any(stored_channels_last(model, torch.randn(2, 3, 16, 16), t).values())  # no map that large
-        assert all(stored_channels_last(fast.speed_up(model, channels_last=True), x, t).values())
-        assert not any(stored_channels_last(fast.speed_up(model, channels_last=False), x, t).values())
+        assert all(stored_channels_last(fast.speed_up(copy.deepcopy(homework), channels_last=True), x, t).values())
+        assert not any(stored_channels_last(fast.speed_up(copy.deepcopy(homework), channels_last=False), x, t).values())
 
 
 def test_channels_last_false_on_the_command_line_means_never():
@@ -351,31 +349,53 @@ def fast_classes(model):
     return {type(m) for m in model.modules()} - {type(m) for m in unet.Unet(8, dim_mults=(1, 2)).modules()}
 
 
-@pytest.mark.parametrize("lever,classes", [
-    ("fused_norms", {layers.WeightStandardizedConv2d, layers.LayerNorm}),
-    ("folded_attention", {layers.FoldedLinearAttention, layers.Residual}),
-    ("attention_kernel", {layers.KernelPreNorm}), ("modulation_in_norm", {layers.Block}),
-    ("sub_pixel_upsample", {layers.SubPixelUpsample}), ("base2_softmax", set()), ("channels_last", set()),
-    ("pass_size", set()), ("fused_adam", set()), ("captured_sampling", set())])
-def test_speed_up_swaps_in_each_lever_it_is_given_and_no_other(lever, classes):
+@pytest.mark.parametrize("lever,classes,alone", [
+    ("fused_norms", {layers.WeightStandardizedConv2d, layers.LayerNorm}, None),
+    ("folded_attention", {layers.Base2FoldedLinearAttention, layers.Residual},  # base 2 builds on it
+     {layers.FoldedLinearAttention, layers.Residual}),
+    ("base2_softmax", {layers.Base2FoldedLinearAttention}, set()),  # not without the folded attention
+    ("attention_kernel", {layers.KernelPreNorm}, None), ("modulation_in_norm", {layers.Block}, None),
+    ("sub_pixel_upsample", {layers.SubPixelUpsample}, None), ("channels_last", set(), {FastUnet}),
+    ("captured_sampling", set(), {FastUnet}), ("pass_size", set(), None), ("fused_adam", set(), None)])
+def test_speed_up_swaps_in_each_lever_it_is_given_and_no_other(lever, classes, alone):
     every = fast_classes(fast.speed_up(unet.Unet(8, dim_mults=(1, 2))))
     without = fast_classes(fast.speed_up(unet.Unet(8, dim_mults=(1, 2)), [x for x in fast.LEVERS if x != lever]))
     assert every - without == classes
     model = fast.speed_up(unet.Unet(8, dim_mults=(1, 2)))
-    attentions = [m for m in model.modules() if isinstance(m, layers.FoldedLinearAttention)]
-    assert attentions and all(m.base2 for m in attentions) and model.levers == set(fast.LEVERS)
-    alone = fast.speed_up(unet.Unet(8, dim_mults=(1, 2)), [lever])
-    assert fast_classes(alone) == classes | {FastUnet} and alone.levers == {lever}
+    assert type(model) is FastUnet and model.levers == set(fast.LEVERS)
+    single = fast.speed_up(unet.Unet(8, dim_mults=(1, 2)), [lever])
+    assert fast_classes(single) == (classes if alone is None else alone)
 
 
-def test_plain_undoes_speed_up_and_copies_keep_their_classes():
+def test_speed_up_takes_a_fresh_network_and_copies_keep_their_classes():
     model = fast.speed_up(unet.Unet(8, dim_mults=(1, 2)))
     twin = copy.deepcopy(model)
     assert type(twin) is FastUnet and twin.levers == model.levers
-    fast.plain(model)
-    assert {type(m) for m in model.modules()} == {type(m) for m in unet.Unet(8, dim_mults=(1, 2)).modules()}
+    with pytest.raises(ValueError, match="not one already made fast"):
+        fast.speed_up(model)
     with pytest.raises(ValueError, match="unknown levers: warp_drive"):
-        fast.speed_up(model, ["warp_drive"])
+        fast.speed_up(unet.Unet(8, dim_mults=(1, 2)), ["warp_drive"])
+
+
+def test_a_lever_that_changed_the_parameters_or_state_dict_is_refused_at_run_time(monkeypatch):
+    class BlockWithAnExtraKey(layers.Block):
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            destination[prefix + "extra"] = torch.zeros(())
+
+    monkeypatch.setattr(network, "TABLE", (network.Lever("modulation_in_norm", BlockWithAnExtraKey, (unet.Block,)),))
+    with pytest.raises(RuntimeError, match="a speed lever changed the U-Net's parameters or state_dict keys"):
+        fast.speed_up(unet.Unet(8, dim_mults=(1, 2)))
+
+
+def test_every_lever_was_checked_against_unet_py_as_it_is():
+    """unet.py's code changed (not its prose): renew network.SHIPPED, once the levers' tests pass
+    against the new code, with the fingerprints this message gives."""
+    now = {name: network.fingerprint(getattr(unet, name)) for name in network.SHIPPED}
+    assert network.edited() == (), "renew hw2/fast/network.py's SHIPPED: " + repr(now)
+    assert now == network.SHIPPED
+    covered = {d.__name__ for row in network.TABLE for d in row.covers}
+    assert covered == set(network.SHIPPED)  # every definition a lever stands in for has its fingerprint
 
 
 def test_sampling_through_the_fast_model_draws_the_homeworks_images():

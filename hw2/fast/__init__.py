@@ -7,7 +7,8 @@ unet.py.
 
 Entry points, the only names the rest of the project uses:
     for_run(model, config)        model (a unet.Unet) as a run's Config asks: fast, unless --plain
-    speed_up(model)               make a unet.Unet fast, in place (plain(model) undoes it)
+    speed_up(model)               make a fresh unet.Unet fast, in place (the levers that hold for this unet.py)
+    edited_note()                 the start-up note on unet.py definitions edited, whose levers are off
     sampling(model)               the context for a reverse chain: the sampling-only levers
     images_per_pass(model, ...)   how many images one pass of the reverse chain draws
     make_adam(model, lr)          the optimizer
@@ -20,20 +21,20 @@ import torch
 
 from hw2.fast import kernel
 from hw2.fast.memory import keep_freed_memory
-from hw2.fast.network import LEVERS, is_fast, plain, speed_up
+from hw2.fast.network import LEVERS, edited_note, is_fast, speed_up
 from hw2.fast.sampling import images_per_pass, sampling
 from hw2.fast.step import describe as describe_step, for_trainer as step_for_trainer, plan as step_plan
 
 _process = {}  # what tune_process() did in this process: {"freed_memory": note or None}
 
-__all__ = ["LEVERS", "for_run", "speed_up", "plain", "is_fast", "sampling", "images_per_pass", "make_adam", "tune_process",
+__all__ = ["LEVERS", "for_run", "speed_up", "edited_note", "is_fast", "sampling", "images_per_pass", "make_adam", "tune_process",
            "describe", "describe_step", "step_plan", "step_for_trainer"]
 
 
 def for_run(model, config):
     """model as the run's hw2.config.Config asks: plain with --plain, else fast, with its
     --channels_last (None: the default rule)."""
-    return plain(model) if config.plain else speed_up(model, channels_last=config.channels_last)
+    return model if config.plain else speed_up(model, channels_last=config.channels_last)
 
 
 def make_adam(model, lr, capturable=False):

@@ -84,7 +84,7 @@ class FoldedLinearAttention(unet.LinearAttention):
     and q's scale are folded into the context before it meets q; the result comes out
     pixel-major, as the LayerNorm after it wants. Elsewhere the homework's computation.
 
-    `base2` (hw2.fast's base2_softmax lever): while sampling in float32 on a CPU, the softmaxes
+    `base2` (Base2FoldedLinearAttention, the base2_softmax lever): while sampling in float32 on a CPU, the softmaxes
     are taken as 2^z' / sum 2^z' (z' = z log2 e, folded into the weights) with no max
     subtracted: torch's exp2 is cheaper than its exp, and the max costs a pass over q and k.
     Safe while every exponent is within EXP2_LIMIT, which |w . x| <= |w| |x| bounds for each row
@@ -132,6 +132,12 @@ class FoldedLinearAttention(unet.LinearAttention):
         w = self.to_qkv.weight[: 2 * hidden].flatten(1)  # the rows of W_q and W_k
         bound = LOG2_E * w.norm(dim=1).amax() * x_t.square().sum(dim=-1).amax().sqrt()
         return bound.item() <= EXP2_LIMIT
+
+
+class Base2FoldedLinearAttention(FoldedLinearAttention):
+    """FoldedLinearAttention with its base-2 softmaxes on (the base2_softmax lever)."""
+
+    base2 = True
 
 
 class Residual(unet.Residual):

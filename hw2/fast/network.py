@@ -1,8 +1,24 @@
-"""The fast U-Net: unet.Unet with hw2/fast/layers.py's equivalents swapped in, and a forward
-that adds the lever that spans the whole network (the channels-last rule). speed_up() makes
-a unet.Unet fast in place and plain() undoes it; parameters, their names and the state_dict
-stay the homework's, so checkpoints are the same either way.
+"""The fast U-Net: unet.Unet with hw2/fast/layers.py's equivalents swapped in, by one table.
+
+Each row of TABLE ties a lever to the equivalent it swaps in and to the unet.py definitions
+that equivalent stands in for; SHIPPED holds a fingerprint of each such definition's code as
+shipped (its syntax tree without docstrings: prose may change, code may not). speed_up()
+swaps an equivalent in only where its definitions are unchanged: a student who edits
+unet.py's Block trains the edited Block, with its lever off, and the start-up line says so
+(edited_note()). tests/test_fast.py fails when unet.py's code changes and SHIPPED is not
+renewed (its message gives the fingerprints of the unet.py at hand), so a
+lever is never held equal to code it was not checked against. Parameters, their names and
+the state_dict stay the homework's (checked after every swap), so checkpoints are the same
+either way.
 """
+import ast
+import dataclasses
+import functools
+import hashlib
+import inspect
+import textwrap
+from typing import Callable
+
 import torch
 
 import unet
@@ -11,18 +27,10 @@ from hw2.fast.state import sampling_now
 
 CPU_CHANNELS_LAST_PIXELS = 32 * 32  # on a CPU, sampling stores feature maps this large channels-last
 
-# lever -> (the homework's class, its fast equivalent) for the levers that are a class swap
-SWAPS = {
-    "fused_norms": [(unet.WeightStandardizedConv2d, layers.WeightStandardizedConv2d),
-                    (unet.LayerNorm, layers.LayerNorm)],
-    "folded_attention": [(unet.LinearAttention, layers.FoldedLinearAttention), (unet.Residual, layers.Residual)],
-    "modulation_in_norm": [(unet.Block, layers.Block)],
-}
 NETWORK_LEVERS = ("fused_norms", "folded_attention", "base2_softmax", "attention_kernel", "modulation_in_norm",
                   "sub_pixel_upsample", "channels_last", "captured_sampling")
 RUN_LEVERS = ("pass_size", "fused_adam")  # read off the model by hw2.fast's entry points
 LEVERS = NETWORK_LEVERS + RUN_LEVERS
-
 
 def sampled_channels_last(device, pixels):
     """The default rule: while sampling on a CPU, maps of CPU_CHANNELS_LAST_PIXELS pixels or more
@@ -38,7 +46,7 @@ class FastUnet(unet.Unet):
     The layout changes speed, never the function. `levers` is the set hw2.fast.speed_up was
     given."""
 
-    levers = frozenset()
+    levers = None  # what speed_up gave it
     channels_last = None
 
     def layout(self, x):
@@ -85,51 +93,114 @@ class FastUnet(unet.Unet):
         return self.final_conv(x)
 
 
-def swap(module, cls):
-    """Give module the class cls, a subclass or base of its own with the same parameters."""
-    module.__class__ = cls
+@dataclasses.dataclass(frozen=True)
+class Lever:
+    """One row of TABLE: `name` swaps `fast` in for the modules `takes` accepts (by default,
+    those of exactly the class covers[0]); `covers` are the unet.py definitions whose code
+    `fast` reproduces; `requires`, a lever it builds on."""
+
+    name: str
+    fast: type
+    covers: tuple
+    takes: Callable = None
+    requires: str = None
+
+    def applies_to(self, module):
+        return self.takes(module) if self.takes else type(module) is self.covers[0]
+
+
+def linear_attention_block(module):
+    return type(module) is unet.PreNorm and isinstance(module.fn, unet.LinearAttention)
+
+
+# The one table; for a module the first row that takes it gives its class (the most specific first).
+TABLE = (
+    Lever("channels_last", None, (unet.Unet,)),  # FastUnet, below
+    Lever("captured_sampling", None, (unet.Unet,)),
+    Lever("fused_norms", layers.WeightStandardizedConv2d, (unet.WeightStandardizedConv2d,)),
+    Lever("fused_norms", layers.LayerNorm, (unet.LayerNorm,)),
+    Lever("base2_softmax", layers.Base2FoldedLinearAttention, (unet.LinearAttention,), requires="folded_attention"),
+    Lever("folded_attention", layers.FoldedLinearAttention, (unet.LinearAttention,)),
+    Lever("folded_attention", layers.Residual, (unet.Residual,)),
+    Lever("modulation_in_norm", layers.Block, (unet.Block,)),
+    Lever("attention_kernel", layers.KernelPreNorm, (unet.PreNorm, unet.LinearAttention, unet.LayerNorm),
+          takes=linear_attention_block),
+    Lever("sub_pixel_upsample", layers.SubPixelUpsample, (unet.Upsample,), takes=layers.is_upsample),
+)
+
+# unet.py's definitions as shipped: the fingerprints that TABLE's equivalents were checked against
+SHIPPED = {
+    "Unet": "52d0b34d7191a657",
+    "WeightStandardizedConv2d": "b52c397ddc2ae844",
+    "LayerNorm": "8a7f8c4599cf49ef",
+    "LinearAttention": "4f6a9f9e0c47e67e",
+    "Residual": "8286e812d78f708b",
+    "Block": "90168b7cbc76bf91",
+    "PreNorm": "a89d4664fc7e46d5",
+    "Upsample": "44f587dabe966b9e",
+}
+
+
+def fingerprint(definition):
+    """A short hash of a definition's code: its source's syntax tree, docstrings left out."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(definition)))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.ClassDef, ast.FunctionDef)) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha1(ast.dump(tree).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def edited():
+    """The names of the unet.py definitions whose code differs from what SHIPPED was made from."""
+    return tuple(name for name, shipped in SHIPPED.items() if fingerprint(getattr(unet, name)) != shipped)
+
+
+def held(levers):
+    """The levers of `levers` that hold for this unet.py: those whose definitions are as shipped
+    (and whose required lever holds); the run levers always."""
+    off = {row.name for row in TABLE if any(d.__name__ in edited() for d in row.covers)}
+    kept = set(levers) - off
+    return frozenset(x for x in kept if all(row.requires in kept for row in TABLE if row.name == x and row.requires))
+
+
+def edited_note(levers=LEVERS):
+    """The start-up note on unet.py's edited definitions and the levers that are off for them, or None."""
+    names = edited()
+    off = sorted(set(levers) - held(levers))
+    if not names or not off:
+        return None
+    verb = "was" if len(names) == 1 else "were"
+    whose = "its speed lever is" if len(off) == 1 else "their speed levers are"
+    return f"note: unet.py's {' and '.join(names)} {verb} edited: {whose} off ({', '.join(off)}); it runs as written"
 
 
 def speed_up(model, levers=LEVERS, channels_last=None):
-    """Make the unet.Unet `model` fast in place with the levers named in `levers`; the same
-    parameters and state_dict. channels_last: True (every map), False (none) or None (the
-    default rule, sampled_channels_last)."""
+    """Make the unet.Unet `model` fast in place with the levers named in `levers` that hold for
+    this unet.py (held()); the same parameters and state_dict, checked. channels_last: True
+    (every map), False (none) or None (the default rule, sampled_channels_last)."""
     unknown = set(levers) - set(LEVERS)
     if unknown:
         raise ValueError(f"unknown levers: {', '.join(sorted(unknown))}")
-    plain(model)
-    for lever, pairs in SWAPS.items():
-        if lever in levers:
-            for module in model.modules():
-                for homework, fast in pairs:
-                    if type(module) is homework:
-                        swap(module, fast)
-    for module in model.modules():
-        if isinstance(module, layers.FoldedLinearAttention):
-            module.base2 = "base2_softmax" in levers
-        if "attention_kernel" in levers and type(module) is unet.PreNorm and isinstance(module.fn, unet.LinearAttention):
-            swap(module, layers.KernelPreNorm)
-        if "sub_pixel_upsample" in levers and layers.is_upsample(module):
-            swap(module, layers.SubPixelUpsample)
-    swap(model, FastUnet)
-    model.levers = frozenset(levers)
+    if is_fast(model):
+        raise ValueError("speed_up takes a unet.Unet as unet.py builds it, not one already made fast")
+    on = held(levers)
+    parameters, keys = [(n, tuple(p.shape)) for n, p in model.named_parameters()], list(model.state_dict())
+    for module in list(model.modules()):
+        rows = [row for row in TABLE if row.name in on and row.applies_to(module)]
+        if rows:
+            module.__class__ = rows[0].fast or FastUnet
+    model.levers = frozenset(on)  # what the run levers (hw2.fast's entry points) read
     model.channels_last = channels_last
-    return model
-
-
-def plain(model):
-    """Undo speed_up: every module back to its homework class (a no-op on a plain model)."""
-    homework_classes = {cls for cls in vars(unet).values() if isinstance(cls, type)}
-    for module in model.modules():
-        for cls in type(module).__mro__:
-            if cls in homework_classes or cls is torch.nn.Sequential:
-                if type(module) is not cls:
-                    for name in ("base2", "levers", "channels_last", "rows"):  # what speed_up and the layers set
-                        module.__dict__.pop(name, None)
-                    swap(module, cls)
-                break
+    if [(n, tuple(p.shape)) for n, p in model.named_parameters()] != parameters or list(model.state_dict()) != keys:
+        raise RuntimeError("a speed lever changed the U-Net's parameters or state_dict keys; run with --plain "
+                           "and report it (hw2/fast/network.py)")
     return model
 
 
 def is_fast(model):
-    return isinstance(model, FastUnet)
+    """Whether speed_up made model fast (its FastUnet forward may be off where Unet was edited)."""
+    return getattr(model, "levers", None) is not None
+

@@ -1,0 +1,98 @@
+"""A student's edit of unet.py is what runs: on a copy of the project with one definition of
+unet.py changed, the default (fast) network computes the edited network, equal to --plain's,
+and the start-up line says which levers the edit turned off."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+PROBE = """
+import copy, json, sys, torch
+sys.path.insert(0, ".")
+import unet
+from hw2 import fast
+from hw2.config import Config
+
+torch.manual_seed(0)
+homework = unet.Unet(8, dim_mults=(1, 2))  # as unet.py now writes it: what --plain runs
+ours = fast.for_run(copy.deepcopy(homework), Config())
+x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+training = (ours(x, t) - homework(x, t)).abs().max().item()
+with fast.sampling(ours):
+    sampled = ours(x, t)
+with torch.inference_mode():
+    reference = homework(x, t)
+print(json.dumps({"training": training, "sampling": (sampled - reference).abs().max().item(),
+                  "as_shipped": float(sys.argv[1]) if len(sys.argv) > 1 else None,
+                  "note": fast.edited_note(), "levers": sorted(ours.levers),
+                  "output": reference.flatten()[:64].tolist()}))
+"""
+
+EDITS = {  # name: (the line of unet.py as shipped, the line edited, the levers the edit turns off)
+    "Block.forward": ("x = x * (scale + 1) + shift", "x = x * scale + shift", ["modulation_in_norm"]),
+    "LinearAttention": ("q = q * self.scale", "q = q * self.scale * 2",
+                        ["attention_kernel", "base2_softmax", "folded_attention"]),
+    "LayerNorm": ("return (x - mean) * (var + eps).rsqrt() * self.g", "return (x - mean) * (var + 10 * eps).rsqrt() * self.g",
+                  ["attention_kernel", "fused_norms"]),  # the kernel computes the norms too
+    "Unet.forward": ("return self.final_conv(x)", "return self.final_conv(x) * 0.5",
+                     ["captured_sampling", "channels_last"]),
+    "the time embedding": ("emb = math.log(10000) / (half_dim - 1)", "emb = math.log(1000) / (half_dim - 1)", []),
+}
+
+
+def project_copy(folder, old=None, new=None):
+    """The project's code in folder, with one line of unet.py replaced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("main.py", "diffusion.py", "trainer.py", "unet.py"):
+        shutil.copy(ROOT / name, folder / name)
+    shutil.copytree(ROOT / "hw2", folder / "hw2", ignore=shutil.ignore_patterns("__pycache__"))
+    if old is not None:
+        source = (folder / "unet.py").read_text()
+        assert source.count(old) == 1, old
+        (folder / "unet.py").write_text(source.replace(old, new))
+    return folder
+
+
+def probe(folder):
+    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=folder, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def as_shipped(tmp_path_factory):
+    return probe(project_copy(tmp_path_factory.mktemp("shipped")))
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_the_default_network_computes_unet_py_as_edited(edit, tmp_path, as_shipped):
+    old, new, off = EDITS[edit]
+    seen = probe(project_copy(tmp_path, old, new))
+    assert seen["output"] != as_shipped["output"]  # the edit changes the network
+    assert seen["training"] < 1e-5 and seen["sampling"] < 1e-4, seen  # and the default run computes it
+    every = {"fused_norms", "folded_attention", "base2_softmax", "attention_kernel", "modulation_in_norm",
+             "sub_pixel_upsample", "channels_last", "captured_sampling", "pass_size", "fused_adam"}
+    assert seen["levers"] == sorted(every - set(off))
+    if off:
+        assert seen["note"].startswith(f"note: unet.py's {edit.split('.')[0]} was edited: ")
+        assert f"off ({', '.join(off)})" in seen["note"]
+    else:  # no lever stands in for it: the fast network follows the edit with every lever on
+        assert seen["note"] is None
+
+
+def test_the_startup_line_says_which_levers_an_edit_turned_off(image_root, tmp_path):
+    folder = project_copy(tmp_path / "project", *EDITS["Block.forward"][:2])
+    args = ["main.py", "--data_path", str(image_root), "--save_folder", str(tmp_path / "run"), "--cache_dir",
+            str(tmp_path / "cache"), "--image_size", "16", "--unet_dim", "8", "--unet_dim_mults", "1", "2",
+            "--time_steps", "5", "--batch_size", "4", "--num_samples", "2", "--train_steps", "1", "--wandb", "disabled"]
+    out = subprocess.run([sys.executable, *args], cwd=folder, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ("  note: unet.py's Block was edited: its speed lever is off (modulation_in_norm); it runs as written"
+            in out.stdout.splitlines())
+    plain = subprocess.run([sys.executable, *args, "--plain", "--overwrite"], cwd=folder, capture_output=True,
+                           text=True, timeout=300)
+    assert plain.returncode == 0 and "was edited" not in plain.stdout  # --plain has no levers to turn off
