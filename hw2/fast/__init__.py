@@ -1,7 +1,7 @@
 """Speed, beside the homework's network: every lever that makes training or sampling faster
 without changing what is computed. unet.py stays the starter's network; this package swaps
-equivalents into it (same parameters, same state_dict keys, so checkpoints are the same either
-way), and `main.py --plain` runs without any of them. hw2/fast/README.md lists the levers:
+equivalents into it where its code is as shipped (same parameters, same state_dict keys, so
+checkpoints are the same either way), and `main.py --plain` runs without any of them. hw2/fast/README.md lists the levers:
 where each applies, what it buys on the homework's runs, and the test that holds it equal to
 unet.py.
 
