@@ -91,10 +91,11 @@ def prepare(model, levers):
     return copy if levers is None else fast.speed_up(copy, levers)
 
 
-def train_seconds(diffusion, dtype, steps):
+def train_seconds(diffusion, dtype, steps, fused):
     """Median seconds of `steps` training steps (hw2/step.py), after one to warm up."""
     model = diffusion.model
-    step = TrainStep(diffusion, fast.make_adam(model, 1e-3), batch_size=BATCH, passes=ACCUMULATE, amp_dtype=dtype)
+    step = TrainStep(diffusion, fast.make_adam(model, 1e-3, fused=fused), batch_size=BATCH, passes=ACCUMULATE,
+                     amp_dtype=dtype)
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()
@@ -106,9 +107,9 @@ def train_seconds(diffusion, dtype, steps):
     return statistics.median(times)
 
 
-def sample_seconds_per_image(model, dtype, evaluations):
+def sample_seconds_per_image(model, dtype, evaluations, sized):
     """Median seconds per image of one network evaluation in a sampling pass, after one to warm up."""
-    n = fast.images_per_pass(model, "cpu", SIZE, dtype)
+    n = fast.images_per_pass(model, "cpu", SIZE, dtype, sized=sized)
     model.eval()
     times = []
     with fast.sampling(model), autocast("cpu", dtype):
@@ -137,8 +138,9 @@ def measure(dtype, reps, steps, evaluations):
         random.Random(rep).shuffle(order)
         for name in order:
             diffusion = Diffusion(prepare(homework, configs[name]), image_size=SIZE, timesteps=T)
-            step[name].append(train_seconds(diffusion, dtype, steps))
-            image[name].append(sample_seconds_per_image(diffusion.model, dtype, evaluations))
+            run = set(configs[name] or ())  # the run levers are the run's settings, passed as such
+            step[name].append(train_seconds(diffusion, dtype, steps, fused="fused_adam" in run))
+            image[name].append(sample_seconds_per_image(diffusion.model, dtype, evaluations, sized="pass_size" in run))
         print(f"  repetition {rep + 1} of {reps} done", file=sys.stderr, flush=True)
     return {name: (statistics.median(step[name]), statistics.median(image[name])) for name in configs}
 

@@ -75,7 +75,7 @@ def test_the_default_network_computes_unet_py_as_edited(edit, tmp_path, as_shipp
     assert seen["output"] != as_shipped["output"]  # the edit changes the network
     assert seen["training"] < 1e-5 and seen["sampling"] < 1e-4, seen  # and the default run computes it
     every = {"fused_norms", "folded_attention", "base2_softmax", "attention_kernel", "modulation_in_norm",
-             "sub_pixel_upsample", "channels_last", "captured_sampling", "pass_size", "fused_adam"}
+             "sub_pixel_upsample", "channels_last", "captured_sampling"}
     assert seen["levers"] == sorted(every - set(off))
     if off:
         assert seen["note"].startswith(f"note: unet.py's {edit.split('.')[0]} was edited: ")

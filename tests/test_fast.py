@@ -232,7 +232,7 @@ def test_images_per_pass_by_device_precision_size_and_kernel(monkeypatch):
     assert fast.images_per_pass(model, "cpu", 32) == 64 and fast.images_per_pass(model, "cpu", 32, torch.bfloat16) == 128
     assert fast.images_per_pass(model, "cpu", 64) == 16 and fast.images_per_pass(model, "cpu", 30) == 36  # 900 px
     assert fast.images_per_pass(unet.Unet(8), "cpu", 32) == 64
-    assert fast.images_per_pass(fast.speed_up(unet.Unet(8), [x for x in fast.LEVERS if x != "pass_size"]), "cpu", 32) == 64
+    assert fast.images_per_pass(fast.speed_up(unet.Unet(8)), "cpu", 32, sized=False) == 64  # the run left it out
 
 
 def test_generate_draws_in_passes_sized_for_its_images(monkeypatch):
@@ -362,7 +362,7 @@ def test_speed_up_swaps_in_each_lever_it_is_given_and_no_other(lever, classes, a
     without = fast_classes(fast.speed_up(unet.Unet(8, dim_mults=(1, 2)), [x for x in fast.LEVERS if x != lever]))
     assert every - without == classes
     model = fast.speed_up(unet.Unet(8, dim_mults=(1, 2)))
-    assert type(model) is FastUnet and model.levers == set(fast.LEVERS)
+    assert type(model) is FastUnet and model.levers == set(network.NETWORK_LEVERS)  # the run's levers are not its
     single = fast.speed_up(unet.Unet(8, dim_mults=(1, 2)), [lever])
     assert fast_classes(single) == (classes if alone is None else alone)
 

@@ -21,7 +21,7 @@ import torch
 
 from hw2.fast import kernel
 from hw2.fast.memory import keep_freed_memory
-from hw2.fast.network import LEVERS, edited_note, is_fast, speed_up
+from hw2.fast.network import LEVERS, NETWORK_LEVERS, edited_note, is_fast, speed_up
 from hw2.fast.sampling import images_per_pass, sampling
 from hw2.fast.step import describe as describe_step, for_trainer as step_for_trainer, plan as step_plan
 
@@ -37,14 +37,15 @@ def for_run(model, config):
     return model if config.plain else speed_up(model, channels_last=config.channels_last)
 
 
-def make_adam(model, lr, capturable=False):
+def make_adam(model, lr, capturable=False, fused=None):
     """Adam over model's parameters. fused_adam: the fused kernel where this torch has it for
     these tensors (one kernel for all parameters instead of several per parameter; the same
-    update). capturable: its state kept on the device, so that a CUDA graph can hold its step
-    (hw2/fast/step.py)."""
+    update), for a fast model unless `fused` says otherwise. capturable: its state kept on the
+    device, so that a CUDA graph can hold its step (hw2/fast/step.py)."""
     params = list(model.parameters())
     options = {"capturable": True} if capturable else {}
-    if is_fast(model) and "fused_adam" in model.levers and params[0].device.type in ("cpu", "cuda"):
+    fused = is_fast(model) if fused is None else fused
+    if fused and params[0].device.type in ("cpu", "cuda"):
         try:
             return torch.optim.Adam(params, lr=lr, fused=True, **options)
         except (RuntimeError, TypeError, ValueError):
@@ -67,7 +68,7 @@ def describe(model, device):
     """One line for the start-up line: the levers in use, or that there are none."""
     if not is_fast(model):
         return "the homework's network as written, no speed levers (--plain)"
-    words = [f"speed levers on ({len(model.levers)} of {len(LEVERS)}; --plain for none)"]
+    words = [f"speed levers on ({len(model.levers)} of {len(NETWORK_LEVERS)} in the network; --plain for none)"]
     if torch.device(device).type == "cpu" and "attention_kernel" in model.levers:
         words.append(kernel.status())
     if _process.get("freed_memory"):

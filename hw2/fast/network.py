@@ -29,7 +29,7 @@ CPU_CHANNELS_LAST_PIXELS = 32 * 32  # on a CPU, sampling stores feature maps thi
 
 NETWORK_LEVERS = ("fused_norms", "folded_attention", "base2_softmax", "attention_kernel", "modulation_in_norm",
                   "sub_pixel_upsample", "channels_last", "captured_sampling")
-RUN_LEVERS = ("pass_size", "fused_adam")  # read off the model by hw2.fast's entry points
+RUN_LEVERS = ("pass_size", "fused_adam")  # settings of a run, not of the network: make_adam, images_per_pass
 LEVERS = NETWORK_LEVERS + RUN_LEVERS
 
 def sampled_channels_last(device, pixels):
@@ -192,7 +192,7 @@ def speed_up(model, levers=LEVERS, channels_last=None):
         rows = [row for row in TABLE if row.name in on and row.applies_to(module)]
         if rows:
             module.__class__ = rows[0].fast or FastUnet
-    model.levers = frozenset(on)  # what the run levers (hw2.fast's entry points) read
+    model.levers = on & frozenset(NETWORK_LEVERS)  # the network's own levers (the run's are the caller's)
     model.channels_last = channels_last
     if [(n, tuple(p.shape)) for n, p in model.named_parameters()] != parameters or list(model.state_dict()) != keys:
         raise RuntimeError("a speed lever changed the U-Net's parameters or state_dict keys; run with --plain "

@@ -27,14 +27,15 @@ def sampling(model):
         reset_sampling(token)
 
 
-def images_per_pass(model, device, image_size, amp_dtype=None):
+def images_per_pass(model, device, image_size, amp_dtype=None, sized=None):
     """How many images go through the reverse chain together. With the pass_size lever, on a
     CPU: passes as big as they can be while the largest temporaries stay below 32 MiB, the
     largest block glibc's malloc serves from its heap rather than mapping it fresh from the
     kernel (hw2/fast/memory.py). In torch's linear attention those are the top level's 128
     features per pixel; the compiled attention kernel keeps them in per-thread blocks, so where
-    it runs the passes are twice as large. On a GPU, GPU_PASS."""
-    if not (is_fast(model) and "pass_size" in model.levers):
+    it runs the passes are twice as large. On a GPU, GPU_PASS. The lever is a run's setting:
+    on for a fast model unless `sized` says otherwise (benchmarks/levers.py leaves it out)."""
+    if not (is_fast(model) if sized is None else sized):
         return PLAIN_PASS
     if torch.device(device).type != "cpu":
         return GPU_PASS
