@@ -115,8 +115,8 @@ def linear_attention_block(module):
 
 # The one table; for a module the first row that takes it gives its class (the most specific first).
 TABLE = (
-    Lever("channels_last", None, (unet.Unet,)),  # FastUnet, below
-    Lever("captured_sampling", None, (unet.Unet,)),
+    Lever("channels_last", FastUnet, (unet.Unet,)),
+    Lever("captured_sampling", FastUnet, (unet.Unet,)),
     Lever("fused_norms", layers.WeightStandardizedConv2d, (unet.WeightStandardizedConv2d,)),
     Lever("fused_norms", layers.LayerNorm, (unet.LayerNorm,)),
     Lever("base2_softmax", layers.Base2FoldedLinearAttention, (unet.LinearAttention,), requires="folded_attention"),
@@ -191,7 +191,7 @@ def speed_up(model, levers=LEVERS, channels_last=None):
     for module in list(model.modules()):
         rows = [row for row in TABLE if row.name in on and row.applies_to(module)]
         if rows:
-            module.__class__ = rows[0].fast or FastUnet
+            module.__class__ = rows[0].fast
     model.levers = on & frozenset(NETWORK_LEVERS)  # the network's own levers (the run's are the caller's)
     model.channels_last = channels_last
     if [(n, tuple(p.shape)) for n, p in model.named_parameters()] != parameters or list(model.state_dict()) != keys:
