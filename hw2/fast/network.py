@@ -142,8 +142,12 @@ SHIPPED = {
 
 
 def fingerprint(definition):
-    """A short hash of a definition's code: its source's syntax tree, docstrings left out."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(definition)))
+    """A short hash of a definition's code: its source's syntax tree, docstrings left out (None
+    where the source cannot be read: then no lever is held equal to it)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(definition)))
+    except (OSError, TypeError):
+        return None
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (isinstance(node, (ast.ClassDef, ast.FunctionDef)) and body and isinstance(body[0], ast.Expr)
