@@ -30,10 +30,10 @@ from hw2.files import write_atomic
 from hw2.images import save_grid, save_images
 from hw2.precision import amp_dtype, describe_precision
 from hw2.runfolder import RunFolder, resolve_checkpoint
-from hw2.runlog import RunLog
+from hw2.runlog import RunLog, read_metrics
 from hw2.sampling import generate
 from hw2.visualize import visualize
-from trainer import Trainer
+from trainer import Trainer, missing_outputs
 from unet import Unet
 
 
@@ -188,7 +188,9 @@ def run(config, given=(), procs=None, procs_device=None):
     training = not (config.visualize or config.sample)
     if (config.visualize or config.sample) and not procs.main:
         return None  # rank 0 draws by itself
-    if training and ckpt and int(ckpt.get("step", 0)) >= config.train_steps:
+    step = int(ckpt.get("step", 0)) if ckpt else 0
+    interrupted = ckpt and missing_outputs(RunFolder(config.save_folder), config, step, read_metrics(config.save_folder))
+    if training and ckpt and step >= config.train_steps and not interrupted:  # else: the last milestone is made
         if procs.main:
             print(finished(config, ckpt, path))
         return None  # nothing to train: nothing is drawn, written or logged

@@ -109,22 +109,7 @@ class Trainer:
         self.milestone_outputs(m)
 
     def samples_drawn(self):
-        """How many images a milestone draws: the grid's, or FID's where more."""
-        return max(self.config.num_samples, self.config.fid_num_samples if self.config.fid else 0)
-
-    def missing_outputs(self, m):
-        """What of milestone m's outputs (at this step) is not in the run folder: [] when all is."""
-        missing = []
-        if len(list(self.folder.samples(m).glob("*.png"))) < self.samples_drawn():
-            missing.append(f"{self.folder.samples(m).name}/")
-        if not self.folder.grid(m).is_file():
-            missing.append(self.folder.grid(m).name)
-        row = next((r for r in self.logger.rows if r["step"] == self.step), {}) if self.logger else {}
-        if self.fid and row.get("fid") is None:
-            missing.append("its FID")
-        if self.heldout is not None and row.get("heldout_loss") is None:
-            missing.append("its held-out loss")
-        return missing
+        return samples_drawn(self.config)
 
     def complete_milestone(self):
         """A run resumed from a milestone's checkpoint whose outputs a stop interrupted makes them
@@ -133,7 +118,8 @@ class Trainer:
         if not self.resumed or self.step == 0 or self.step % every:
             return
         m = self.step // every
-        missing = self.missing_outputs(m) if self.procs.main else []
+        rows = self.logger.rows if self.logger else []
+        missing = missing_outputs(self.folder, self.config, self.step, rows) if self.procs.main else []
         if not self.procs.any(bool(missing)):  # a collective: every process draws its share
             return
         if self.procs.main:
@@ -281,3 +267,29 @@ class Trainer:
             return "no checkpoint was saved, so there is nothing to resume"
         return (f"{self.folder.latest} holds step {self.saved_step}. Resume with: "
                 f"python main.py --load_path {self.folder.path}")
+
+
+def samples_drawn(config):
+    """How many images a milestone draws: the grid's, or FID's where more."""
+    return max(config.num_samples, config.fid_num_samples if config.fid else 0)
+
+
+def missing_outputs(folder, config, step, rows):
+    """What of the milestone at `step` (a hw2.runfolder.RunFolder's, its metrics.csv rows given)
+    is not there: [] when all is, or when `step` is no milestone's."""
+    every = config.save_and_sample_every
+    if step == 0 or step % every:
+        return []
+    m = step // every
+    missing = []
+    if len(list(folder.samples(m).glob("*.png"))) < samples_drawn(config):
+        missing.append(f"{folder.samples(m).name}/")
+    if not folder.grid(m).is_file():
+        missing.append(folder.grid(m).name)
+    row = next((r for r in rows if r["step"] == step), {})
+    if config.fid and row.get("fid") is None:
+        missing.append("its FID")
+    if config.heldout_images and row.get("heldout_loss") is None:
+        missing.append("its held-out loss")
+    return missing
+

@@ -157,6 +157,25 @@ def test_a_run_killed_during_a_milestones_outputs_makes_them_when_resumed(image_
     assert (out / "metrics.csv").read_text().count("\n1,") == 1
 
 
+def test_a_run_killed_during_its_last_milestone_is_not_finished_until_its_outputs_are(image_root, tmp_path):
+    """Killed while the last milestone (step 2 of 2) writes its images: its checkpoint says the run
+    reached --train_steps, yet a resume makes that milestone's images, grid and the final grid."""
+    args = [*TINY, "--data_path", image_root, "--cache_dir", tmp_path / "c", "--train_steps", "2",
+            "--save_and_sample_every", "1", "--wandb", "disabled"]
+    out = tmp_path / "run"
+    killed_mid_write("00002.png", 2, [*args, "--save_folder", out])  # the second milestone's third image
+    assert load_checkpoint(out / "model-latest.pt")["step"] == 2 and not (out / "sample-2.png").exists()
+    resumed = subprocess.run([sys.executable, "main.py", "--load_path", str(out), "--cache_dir", str(tmp_path / "c")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "is finished" not in resumed.stdout and "milestone 2 was interrupted" in resumed.stdout
+    assert len(list((out / "sample_ddpm_2").glob("*.png"))) == 4
+    assert (out / "sample-2.png").is_file() and (out / "sample-final.png").is_file()
+    again = subprocess.run([sys.executable, "main.py", "--load_path", str(out), "--cache_dir", str(tmp_path / "c")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "is finished: it reached step 2" in again.stdout  # now it is
+
+
 def test_a_kill_while_caching_fid_statistics_leaves_no_half_cache(image_root, tmp_path, standin_file):
     out, cache = tmp_path / "run", tmp_path / "c"
     args = [*TINY, "--data_path", image_root, "--save_folder", out, "--cache_dir", cache, "--train_steps", "1",
