@@ -189,8 +189,8 @@ def run(config, given=(), procs=None, procs_device=None):
     if (config.visualize or config.sample) and not procs.main:
         return None  # rank 0 draws by itself
     step = int(ckpt.get("step", 0)) if ckpt else 0
-    interrupted = ckpt and missing_outputs(RunFolder(config.save_folder), config, step, read_metrics(config.save_folder))
-    if training and ckpt and step >= config.train_steps and not interrupted:  # else: the last milestone is made
+    if training and ckpt and step >= config.train_steps and not missing_outputs(
+            RunFolder(config.save_folder), config, step, read_metrics(config.save_folder)):  # else: make it first
         if procs.main:
             print(finished(config, ckpt, path))
         return None  # nothing to train: nothing is drawn, written or logged

@@ -108,20 +108,16 @@ class Trainer:
         self.save(self.folder.checkpoint(m))
         self.milestone_outputs(m)
 
-    def samples_drawn(self):
-        return samples_drawn(self.config)
-
     def complete_milestone(self):
         """A run resumed from a milestone's checkpoint whose outputs a stop interrupted makes them
         first: the same seed, so the same images an uninterrupted run made."""
-        every = self.config.save_and_sample_every
-        if not self.resumed or self.step == 0 or self.step % every:
+        if not self.resumed:
             return
-        m = self.step // every
         rows = self.logger.rows if self.logger else []
         missing = missing_outputs(self.folder, self.config, self.step, rows) if self.procs.main else []
         if not self.procs.any(bool(missing)):  # a collective: every process draws its share
             return
+        m = self.step // self.config.save_and_sample_every
         if self.procs.main:
             tqdm.write(f"step {self.step}: milestone {m} was interrupted before {', '.join(missing)} "
                        f"{'was' if len(missing) == 1 else 'were'} made: making {'it' if len(missing) == 1 else 'them'} now")
@@ -129,7 +125,7 @@ class Trainer:
 
     def milestone_outputs(self, m):
         """Draw and save milestone m's samples and grid, then the held-out loss, FID and plots."""
-        n = self.samples_drawn()
+        n = samples_drawn(self.config)
         images = self.sample(n, seed=self.config.seed + m)
         self.milestone_images = (self.step, images)
         if not self.procs.main:
