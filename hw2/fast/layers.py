@@ -17,6 +17,15 @@ LOG2_E = 1.4426950408889634  # e^z = 2^(z log2 e)
 EXP2_LIMIT = 64.0  # |z| <= 64: 2^z, and sums of millions of them, stay far inside float32's range
 
 
+def exp2_pays():
+    """Whether torch's exp2 is cheaper than its exp on this CPU: with AVX-512 kernels it is (the
+    base2_softmax lever's 2.9 % of the FID run), with AVX2 kernels it costs more than exp (7 %
+    of that run lost: benchmarks/README.md). ATen's own choice of kernels is read, so
+    ATEN_CPU_CAPABILITY is honoured."""
+    get = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    return get().upper().startswith("AVX512")
+
+
 def eps_for(dtype):
     """The homework's eps for its norms: 1e-5 on float32 maps, 1e-3 on lower-precision ones."""
     return 1e-5 if dtype == torch.float32 else 1e-3
@@ -84,9 +93,10 @@ class FoldedLinearAttention(unet.LinearAttention):
     and q's scale are folded into the context before it meets q; the result comes out
     pixel-major, as the LayerNorm after it wants. Elsewhere the homework's computation.
 
-    `base2` (Base2FoldedLinearAttention, the base2_softmax lever): while sampling in float32 on a CPU, the softmaxes
-    are taken as 2^z' / sum 2^z' (z' = z log2 e, folded into the weights) with no max
-    subtracted: torch's exp2 is cheaper than its exp, and the max costs a pass over q and k.
+    `base2` (Base2FoldedLinearAttention, the base2_softmax lever): while sampling in float32 on a
+    CPU with AVX-512 kernels (exp2_pays()), the softmaxes are taken as 2^z' / sum 2^z'
+    (z' = z log2 e, folded into the weights) with no max subtracted: there torch's exp2 is
+    cheaper than its exp, and the max costs a pass over q and k.
     Safe while every exponent is within EXP2_LIMIT, which |w . x| <= |w| |x| bounds for each row
     w of W_q and W_k and each pixel x; weights or inputs too large for it, or a NaN, take the
     usual way. (In bfloat16 the conversions it needs cost what it saves.)"""
@@ -126,7 +136,8 @@ class FoldedLinearAttention(unet.LinearAttention):
         return out.view(b, h, w, c_out).permute(0, 3, 1, 2)  # (B, C_out, H, W), stored pixel-major
 
     def takes_base2(self, x_t):
-        if not (self.base2 and sampling_now() and x_t.device.type == "cpu" and x_t.dtype == torch.float32):
+        if not (self.base2 and sampling_now() and x_t.device.type == "cpu" and x_t.dtype == torch.float32
+                and exp2_pays()):
             return False
         hidden = self.to_qkv.weight.shape[0] // 3
         w = self.to_qkv.weight[: 2 * hidden].flatten(1)  # the rows of W_q and W_k
