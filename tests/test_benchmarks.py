@@ -1,10 +1,14 @@
-"""benchmarks/gpu_check.py, the prepared GPU check, runs its whole code path on the CPU (--dry)."""
+"""The prepared GPU scripts (benchmarks/gpu_check.py, benchmarks/levers.py --device cuda) run their
+code paths on the CPU with --dry: all but the CUDA branches, which need a GPU."""
 import sys
 
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
+import levers  # noqa: E402
+
+from hw2 import fast  # noqa: E402
 
 
 def test_the_gpu_check_runs_and_reports_every_precision(capsys):
@@ -22,3 +26,18 @@ def test_the_gpu_check_runs_and_reports_every_precision(capsys):
         assert cells["captured, ms (kernels)"] == "not captured"  # no CUDA graphs on a CPU
         assert cells["8 images, eager / captured"].endswith(" s (differ by 0e+00)")  # no capture on a CPU
     assert "--amp auto gives" in out and "fastest:" in out
+
+
+def test_the_levers_benchmark_measures_each_lever_once_per_precision(capsys, monkeypatch):
+    """Every lever that applies on a CPU left out once, beside every lever and the plain network;
+    --amp both measures a precision once where auto and off agree (a CPU without bf16)."""
+    monkeypatch.setattr(levers, "amp_dtype", lambda choice, device: None)  # auto gives float32, as without bf16
+    assert levers.main(["--dry"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("### ") == 1 and "### float32 (--amp auto)" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    names = [row[0].removeprefix("| ").split(",")[0] for row in rows[1:]]
+    expected = ["every lever", "plain network"] + [f"without {x}" for x in fast.LEVERS if x != "captured_sampling"]
+    assert sorted(names) == sorted(expected)
+    for row in rows[1:]:
+        assert float(row[1]) > 0 and float(row[2]) > 0, row
