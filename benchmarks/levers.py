@@ -130,6 +130,8 @@ def train_seconds(diffusion, dtype, steps, fused, settings, captured=False):
         sync(device)
         if i >= warm:
             times.append(time.perf_counter() - start)
+    if getattr(step, "failed", None):  # a captured figure that is not one would mislead
+        raise RuntimeError(f"the step could not be captured: {step.failed}")
     return statistics.median(times)
 
 
@@ -155,6 +157,8 @@ def sample_seconds_per_image(model, dtype, evaluations, sized, settings, capture
             sync(device)
             if i:
                 times.append((time.perf_counter() - start) / n)
+    if captured and model in replay._failed:
+        raise RuntimeError("sampling could not be captured")
     return statistics.median(times)
 
 
