@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 
 from diffusion import Diffusion
 from hw2 import fast
-from hw2.checkpoint import capture_rng, checkpoint_bytes, is_homework_checkpoint, load_unet_weights, restore_rng, \
-    save_checkpoint
+from hw2.checkpoint import capture_rng, checkpoint_bytes, is_homework_checkpoint, load_optimizer_state, \
+    load_unet_weights, restore_rng, save_checkpoint
 from hw2.data import Batches
 from hw2.distributed import Processes
 from hw2.ema import EMA
@@ -82,7 +82,11 @@ class Trainer:
         its buffers, the loss read and checked, EMA. Returns the mean loss."""
         self.model.train()
         self.one_step.load(next(self.batches) for _ in range(self.config.gradient_accumulate_every))
-        loss = self.procs.mean(self.one_step()).item()
+        try:
+            loss = self.procs.mean(self.one_step()).item()
+        except fast.CaptureBroke as e:
+            resume = self.on_disk() if self.saved_step is not None else "nothing was saved: run the same command again with"
+            raise UserError(f"{e}; the run stopped. {resume} --cuda_graph False") from None
         if not math.isfinite(loss):
             raise UserError(
                 f"the loss became {loss} at step {self.step + 1}; training stopped and no checkpoint was "
@@ -158,7 +162,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             **({"ema": self.ema.state_dict()} if self.ema else {}),
             "data": self.batches.state_dict(),
-            "rng": capture_rng(),
+            "rng": capture_rng(self.device, self.procs),
             "elapsed": self.elapsed,
             "config": self.config.to_dict(),
         }
@@ -166,13 +170,16 @@ class Trainer:
     def save(self, path):
         """Write the checkpoint to path and to model-latest.pt, each atomically; then drop
         numbered checkpoints beyond --keep_checkpoints. A failed write (a full disk, a folder
-        that cannot be written) leaves the previous checkpoints as they were."""
+        that cannot be written) leaves the previous checkpoints as they were. Every process
+        calls it (each gives its random states); the main process writes."""
+        state = self.state_dict()
         if not self.procs.main:
+            self.saved_step = self.step
             return
         latest = self.folder.latest
         try:
             self.folder.path.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(checkpoint_bytes(self.state_dict()), *dict.fromkeys([path, latest]))
+            save_checkpoint(checkpoint_bytes(state), *dict.fromkeys([path, latest]))
         except OSError as e:
             raise UserError(
                 f"could not write the checkpoint {path} ({e.strerror or e}); the previous checkpoint {latest} is "
@@ -199,15 +206,15 @@ class Trainer:
         self.resumed = True
         self.elapsed_before = float(ckpt.get("elapsed", 0.0))
         self.started = time.monotonic()
-        self.opt.load_state_dict(ckpt["optimizer"])
-        for group in self.opt.param_groups:  # the saved state carries the old rate; the flag wins
-            group["lr"] = self.config.learning_rate
+        load_optimizer_state(self.opt, ckpt["optimizer"])  # its values; this run's settings (lr, capturable, fused)
         if self.ema:  # a checkpoint without an average starts it from the loaded weights
             self.ema.load_state_dict(ckpt.get("ema") or self.model.state_dict())
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         self.batches.load_state_dict(ckpt["data"])
-        restore_rng(ckpt.get("rng", {}))
+        note = restore_rng(ckpt.get("rng", {}), self.device, self.procs)
+        if note and self.procs.main:
+            print(note)
 
     # the loop
 

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffusion import Diffusion  # noqa: E402
 from hw2 import fast  # noqa: E402
-from hw2.fast import replay  # noqa: E402
+from hw2.fast import cuda, replay  # noqa: E402
 from hw2.fast.step import WARMUP_STEPS, CudaStep  # noqa: E402
 from hw2.precision import amp_dtype, autocast  # noqa: E402
 from hw2.step import TrainStep  # noqa: E402
@@ -64,15 +64,24 @@ NOT_ON = {"cpu": {"captured_sampling"},  # benchmarks/gpu_check.py measures it; 
 RUNS = {"recommended run": (10_000, 11 * 64), "FID experiment": (1_000, 10 * 512 + 64)}  # (steps, images drawn)
 
 
+def kind(device):
+    """"cuda" where the step and sampling are captured (a CUDA GPU, or the fake CUDA device of a
+    dry run), else the device's type."""
+    return "cuda" if cuda.calls().holds(device) else torch.device(device).type
+
+
 def configurations(device):
-    """name -> levers (None: the plain network), for the levers that apply on `device`."""
-    configs = {"every lever": fast.LEVERS, "plain network": None}
-    skip = NOT_ON[device.type]
-    for lever in (x for x in fast.LEVERS if x not in skip):
-        configs[f"without {lever}"] = tuple(x for x in fast.LEVERS if x not in (lever, STANDS_IN.get(lever)))
+    """name -> levers (None: the plain network), for the levers that apply on `device` (on CUDA,
+    none of the CPU's: they would act on the fake CUDA device's CPU)."""
+    where = kind(device)
+    levers = tuple(x for x in fast.LEVERS if where != "cuda" or x not in fast.CPU_LEVERS)
+    configs = {"every lever": levers, "plain network": None}
+    skip = NOT_ON[where]
+    for lever in (x for x in levers if x not in skip):
+        configs[f"without {lever}"] = tuple(x for x in levers if x not in (lever, STANDS_IN.get(lever)))
     for lever, other in STANDS_IN.items():
         if lever not in skip:
-            configs[f"without {other}"] = tuple(x for x in fast.LEVERS if x != other)
+            configs[f"without {other}"] = tuple(x for x in levers if x != other)
     return configs
 
 
@@ -107,8 +116,8 @@ def prepare(model, levers, settings):
 
 
 def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if kind(device) == "cuda":
+        cuda.calls().synchronize(device)
 
 
 def train_seconds(diffusion, dtype, steps, fused, settings, captured=False):
@@ -118,7 +127,7 @@ def train_seconds(diffusion, dtype, steps, fused, settings, captured=False):
     step = TrainStep(diffusion, fast.make_adam(model, 1e-3, capturable=captured, fused=fused),
                      batch_size=settings["batch"], passes=settings["passes"], amp_dtype=dtype)
     warm = 1
-    if device.type == "cuda":
+    if kind(device) == "cuda":
         step, warm = CudaStep(step, capture=captured), WARMUP_STEPS + 1  # the last warm call captures
     times = []
     for i in range(warm + steps):
@@ -173,7 +182,7 @@ def measure(device, dtype, reps, steps, evaluations, settings):
     torch.manual_seed(0)
     homework = Unet(settings["dim"], dim_mults=settings["mults"])
     configs = configurations(device)
-    modes = {"eager": False, "captured": True} if device.type == "cuda" else {"": False}
+    modes = {"eager": False, "captured": True} if kind(device) == "cuda" else {"": False}
     step = {mode: {name: [] for name in configs} for mode in modes}
     image = {mode: {name: [] for name in configs} for mode in modes}
     for rep in range(reps):

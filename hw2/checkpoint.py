@@ -3,7 +3,8 @@ and checked against the U-Net before anything is loaded into it.
 
 A checkpoint of this project is a dict of tensors and plain values:
     format (FORMAT), step, model (the U-Net's state_dict), optimizer, scaler, ema (when on),
-    data (the Batches state), rng (torch's CPU and CUDA states), elapsed, config.
+    data (the Batches state), rng (every process's CPU and device generator states), elapsed,
+    config.
 Two other layouts load too, weights and step only: the homework starter's own
 {"step", "model"}, whose "model" is the whole Diffusion's state_dict (U-Net keys prefixed
 "model.", maybe beside schedule buffers of the student's), and a bare U-Net state_dict.
@@ -151,17 +152,63 @@ def mismatch_message(path, model, state, missing, unexpected, shapes):
     return f"{path} does not hold this U-Net's weights: " + "; ".join(parts)
 
 
-def capture_rng():
-    """The global random states training draws from: torch's CPU generator (t, noise and
-    weight init) and, where CUDA is used, each GPU's."""
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
+def load_optimizer_state(opt, saved):
+    """Load a checkpoint's optimizer state into opt, keeping opt's settings. A checkpoint holds
+    values (Adam's step and moments) and settings (lr, capturable, fused, foreach ...): the
+    values are the training's, the settings this run's, as it built them for its device and
+    flags (a capturable, fused Adam where its step is captured). torch's own load would put
+    the saved settings back."""
+    ours = opt.state_dict()["param_groups"]
+    groups = [{**mine, "params": theirs["params"]} for mine, theirs in zip(ours, saved["param_groups"], strict=True)]
+    opt.load_state_dict({**saved, "param_groups": groups})
 
 
-def restore_rng(rng):
-    if "torch" in rng:
-        torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+def device_generator(device):
+    """(get, set) of the random generator of `device` the training draws from, beside the CPU's; None for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return (lambda: torch.cuda.get_rng_state(device)), (lambda state: torch.cuda.set_rng_state(state, device))
+    if device.type == "mps":
+        return torch.mps.get_rng_state, torch.mps.set_rng_state
+    return None
+
+
+def capture_rng(device, procs):
+    """The random states the training draws from (t, noise, weight init), of every process, in
+    rank order: {"processes": [{"torch": CPU generator, DEVICE TYPE: that device's}, ...]}. Each
+    process gives the generator of the device it trains on; a collective under torchrun."""
+    mine = {"torch": torch.get_rng_state()}
+    generator = device_generator(device)
+    if generator:
+        mine[torch.device(device).type] = generator[0]().cpu()
+    gathered = {k: procs.gather(v.unsqueeze(0)).cpu() for k, v in mine.items()}
+    return {"processes": [{k: v[rank].clone() for k, v in gathered.items()} for rank in range(procs.world)]}
+
+
+def restore_rng(rng, device, procs):
+    """Set this process's generators from a checkpoint's "rng" (capture_rng's, or the main
+    process's alone, as checkpoints before it held them). Returns a note for the start-up when
+    the checkpoint's process count is not this run's, else None: then every process continues
+    process 0's streams (the processes draw alike: every one draws the whole global batch's t
+    and noise and keeps its slice), which keeps them together."""
+    device = torch.device(device)
+    states = rng.get("processes")
+    if states is None:  # the main process's CPU state and its list of CUDA states, by device index
+        index = device.index or 0 if procs.world == 1 else 0
+        cuda = rng.get("cuda") or []
+        states = [{"torch": rng["torch"], **({"cuda": cuda[index]} if index < len(cuda) else {})}] if "torch" in rng \
+            else []
+    if not states:
+        return None
+    note = None
+    if len(states) == procs.world:
+        mine = states[procs.rank]
+    else:
+        mine = states[0]
+        note = (f"note: the checkpoint holds the random states of {len(states)} process(es), this run has "
+                f"{procs.world}: every process continues process 0's")
+    torch.set_rng_state(mine["torch"])
+    generator = device_generator(device)
+    if generator and device.type in mine:
+        generator[1](mine[device.type])
+    return note

@@ -128,7 +128,7 @@ class Config:
 MODEL_FIELDS = ("image_size", "unet_dim", "unet_dim_mults", "time_steps")
 
 # Fields a checkpoint's stored config does not supply: what to do this time, where this
-# machine keeps things, and how it computes them fastest. Every other field defaults to
-# the checkpoint's value.
-NOT_INHERITED = ("load_path", "overwrite", "visualize", "sample", "device", "cache_dir", "inception_path", "plain",
-                 "channels_last", "cuda_graph", "verbose")
+# machine keeps things, and how it computes them (the device, its precision, the levers).
+# Every other field defaults to the checkpoint's value.
+NOT_INHERITED = ("load_path", "overwrite", "visualize", "sample", "device", "amp", "cache_dir", "inception_path",
+                 "plain", "channels_last", "cuda_graph", "verbose")

@@ -9,7 +9,8 @@ import torch
 import main
 from conftest import golden_cases, needs_golden
 from diffusion import Diffusion
-from hw2.checkpoint import FORMAT, load_checkpoint
+from hw2.checkpoint import FORMAT, capture_rng, load_checkpoint, load_optimizer_state, restore_rng
+from hw2.distributed import Processes
 from hw2.files import torch_bytes, write_atomic
 from hw2.errors import UserError
 from trainer import Trainer
@@ -96,6 +97,77 @@ def test_every_random_state_round_trips_through_a_checkpoint(tiny_config, tmp_pa
     load(trainer, tmp_path / "model-1.pt")
     got = (torch.rand(3), next(trainer.batches))
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def generator_after(seed, draws):
+    torch.manual_seed(seed)
+    torch.rand(draws)
+    return torch.get_rng_state()
+
+
+class FirstOfTwo(Processes):
+    """Rank 0 of two processes, whose partner's CPU generator is in the state `other`."""
+
+    other = None
+
+    def __init__(self):
+        super().__init__(rank=0, world=2)
+
+    def gather(self, tensor):
+        return torch.cat([tensor, self.other.unsqueeze(0)])
+
+
+def test_each_process_saves_and_restores_its_own_generator():
+    """The main process writes every process's random states, in rank order; at resume each
+    process takes its own, and with another process count every one takes process 0's."""
+    procs = FirstOfTwo()
+    procs.other = generator_after(1, 7)
+    torch.set_rng_state(generator_after(0, 3))
+    rng = capture_rng("cpu", procs)
+    assert [torch.equal(p["torch"], s) for p, s in zip(rng["processes"], (generator_after(0, 3), procs.other))] \
+        == [True, True]
+    for rank, expected in ((0, generator_after(0, 3)), (1, procs.other)):
+        torch.manual_seed(99)
+        assert restore_rng(rng, "cpu", Processes(rank=rank, world=2)) is None
+        assert torch.equal(torch.get_rng_state(), expected)
+    torch.manual_seed(99)
+    note = restore_rng(rng, "cpu", Processes(rank=2, world=3))
+    assert torch.equal(torch.get_rng_state(), generator_after(0, 3))
+    assert note == ("note: the checkpoint holds the random states of 2 process(es), this run has 3: every process "
+                    "continues process 0's")
+
+
+def test_checkpoints_written_before_each_process_kept_its_own_generator_restore_it():
+    torch.manual_seed(99)
+    assert restore_rng({"torch": generator_after(0, 3), "cuda": []}, "cpu", Processes()) is None
+    assert torch.equal(torch.get_rng_state(), generator_after(0, 3))
+
+
+@pytest.mark.parametrize("saved,ours", [
+    ({}, {"fused": True, "capturable": True}),  # a plain run's state into a captured one
+    ({"fused": True, "capturable": True}, {}),  # and back
+    ({"foreach": True}, {"fused": True}),
+])
+def test_an_optimizers_state_loads_its_values_and_keeps_this_runs_settings(saved, ours):
+    """Adam's step count and moments come from the checkpoint; lr, fused, capturable and
+    foreach stay as this run built them (torch's own load puts the saved ones back)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5)) for _ in range(2)]
+    before = torch.optim.Adam(params, lr=0.1, **saved)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(5)
+        before.step()
+    opt = torch.optim.Adam(params, lr=0.01, **ours)
+    settings = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    load_optimizer_state(opt, before.state_dict())
+    assert {k: v for k, v in opt.param_groups[0].items() if k != "params"} == settings
+    for p in params:
+        assert float(opt.state[p]["step"]) == 3.0
+        assert torch.equal(opt.state[p]["exp_avg"], before.state[p]["exp_avg"])
+        if ours.get("fused") or ours.get("capturable"):  # their step count is a float32 tensor on the device
+            assert opt.state[p]["step"].dtype == torch.float32 and opt.state[p]["step"].device == p.device
+    opt.step()  # and it steps
 
 
 def load(trainer, path):

@@ -77,6 +77,14 @@ def test_two_processes_equal_one_at_twice_the_batch_and_resume_across_counts(ima
     assert step_losses(tmp_path / "r2")[-1] == pytest.approx(step_losses(tmp_path / "r1")[-1], rel=1e-5)
     assert_same_model(resumed_one["model"], resumed_two["model"])
 
+    # each process's random stream continues as in a run that was never stopped: the same step 2,
+    # the same states in the checkpoint, one per process
+    _, straight = train(image_root, tmp_path, tmp_path / "straight", 2, 2, 2)
+    assert step_losses(tmp_path / "r2")[-1] == step_losses(tmp_path / "straight")[-1]
+    assert len(straight["rng"]["processes"]) == len(resumed_two["rng"]["processes"]) == 2
+    for theirs, ours in zip(straight["rng"]["processes"], resumed_two["rng"]["processes"]):
+        assert torch.equal(theirs["torch"], ours["torch"])
+
 
 def test_when_one_process_dies_the_others_stop(image_root, tmp_path):
     """SIGKILL one worker mid-run: torchrun ends the other and exits non-zero, without hanging."""

@@ -15,20 +15,22 @@ Entry points, the only names the rest of the project uses:
     step_plan(device, ...)        whether the training step is captured in a CUDA graph, and why not
     step_for_trainer(step, ...)   the training step as the Trainer calls it (hw2/fast/step.py)
     tune_process()                process-wide settings, once, where the process starts
+    CaptureBroke                  a failed capture left the GPU unusable (hw2/fast/cuda.py)
     describe(model, device)       the start-up line's words (with --verbose)
 """
 import torch
 
-from hw2.fast import kernel
+from hw2.fast import cuda, kernel
+from hw2.fast.cuda import CaptureBroke
 from hw2.fast.memory import keep_freed_memory
-from hw2.fast.network import LEVERS, NETWORK_LEVERS, edited_note, is_fast, speed_up
+from hw2.fast.network import CPU_LEVERS, LEVERS, NETWORK_LEVERS, edited_note, is_fast, speed_up
 from hw2.fast.sampling import images_per_pass, sampling
 from hw2.fast.step import describe as describe_step, for_trainer as step_for_trainer, plan as step_plan
 
 _process = {}  # what tune_process() did in this process: {"freed_memory": note or None}
 
-__all__ = ["LEVERS", "for_run", "speed_up", "edited_note", "is_fast", "sampling", "images_per_pass", "make_adam", "tune_process",
-           "describe", "describe_step", "step_plan", "step_for_trainer"]
+__all__ = ["LEVERS", "CPU_LEVERS", "for_run", "speed_up", "edited_note", "is_fast", "sampling", "images_per_pass", "make_adam", "tune_process",
+           "describe", "describe_step", "step_plan", "step_for_trainer", "CaptureBroke", "cuda"]
 
 
 def for_run(model, config):
@@ -41,10 +43,12 @@ def make_adam(model, lr, capturable=False, fused=None):
     """Adam over model's parameters. fused_adam: the fused kernel where this torch has it for
     these tensors (one kernel for all parameters instead of several per parameter; the same
     update), for a fast model unless `fused` says otherwise. capturable: its state kept on the
-    device, so that a CUDA graph can hold its step (hw2/fast/step.py)."""
+    device, so that a CUDA graph can hold its step (hw2/fast/step.py); torch holds a capturable
+    Adam on a CPU (the fake CUDA device's) only fused."""
     params = list(model.parameters())
     options = {"capturable": True} if capturable else {}
     fused = is_fast(model) if fused is None else fused
+    fused = fused or (capturable and params[0].device.type == "cpu")
     if fused and params[0].device.type in ("cpu", "cuda"):
         try:
             return torch.optim.Adam(params, lr=lr, fused=True, **options)

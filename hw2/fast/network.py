@@ -22,13 +22,14 @@ from typing import Callable
 import torch
 
 import unet
-from hw2.fast import layers, replay
+from hw2.fast import cuda, layers, replay
 from hw2.fast.state import sampling_now
 
 CPU_CHANNELS_LAST_PIXELS = 32 * 32  # on a CPU, sampling stores feature maps this large channels-last
 
 NETWORK_LEVERS = ("fused_norms", "folded_attention", "base2_softmax", "attention_kernel", "modulation_in_norm",
                   "sub_pixel_upsample", "channels_last", "captured_sampling")
+CPU_LEVERS = ("base2_softmax", "attention_kernel", "channels_last")  # they act on a CPU only (none on CUDA)
 RUN_LEVERS = ("pass_size", "fused_adam")  # settings of a run, not of the network: make_adam, images_per_pass
 LEVERS = NETWORK_LEVERS + RUN_LEVERS
 
@@ -61,7 +62,7 @@ class FastUnet(unet.Unet):
     def forward(self, x, time):
         """x: (B, C, H, W), time: (B,) long -> predicted noise (B, out_dim, H, W). While sampling on
         CUDA, with captured_sampling, replayed from a CUDA graph per pass shape (hw2/fast/replay.py)."""
-        if "captured_sampling" in self.levers and x.is_cuda and sampling_now():
+        if "captured_sampling" in self.levers and sampling_now() and cuda.calls().holds(x.device):
             return replay.replayed(self, self.evaluate, x, time)
         return self.evaluate(x, time)
 

@@ -12,11 +12,18 @@ launch), not by arithmetic:
   mean of equal-sized means; the norms are per image), half the kernels. On a CPU it pays
   under bf16 autocast only (float32's larger pass runs slower there: hw2/fast/README.md).
 
-Where a capture cannot hold (several processes, float16's dynamic loss scaling, a model
-whose layers cannot be captured), the step runs eagerly and plan() says why.
+Where a capture cannot hold (several processes, float16's dynamic loss scaling, a torch
+older than the captures have run on), the step runs eagerly and plan() says why. Where a
+capture fails (a layer that reads a value on the host, an optimizer not built capturable),
+the step runs eagerly from the state it had before the capture, after one note. Every CUDA
+call goes through hw2/fast/cuda.py, which the tests replace by a fake.
 """
+import copy
+
 import torch
 
+from hw2.errors import shorten
+from hw2.fast import cuda
 from hw2.precision import warn_once
 
 WARMUP_STEPS = 3  # eager steps before the capture (torch's examples use a few)
@@ -33,18 +40,21 @@ def plan(device, amp_dtype, processes, config):
         return False, "--plain"
     if config.cuda_graph is False:
         return False, "--cuda_graph False"
-    if device.type != "cuda":
+    if not cuda.calls().holds(device):
         return False, f"no CUDA graphs on {device.type}"
     if processes is not None and processes.distributed:
         return False, "several processes"
     if amp_dtype == torch.float16:
         return False, "float16's dynamic loss scaling"
+    if not cuda.tested_torch():
+        since = ".".join(map(str, cuda.CAPTURED_SINCE))
+        return False, f"torch {torch.__version__}: the capture has run on torch {since} and newer only"
     return True, None
 
 
 def describe(device, amp_dtype, processes, config):
     """The start-up line's words on the training step, on a CUDA GPU; None elsewhere."""
-    if torch.device(device).type != "cuda":
+    if not cuda.calls().holds(device):
         return None
     capture, why = plan(device, amp_dtype, processes, config)
     return "the training step in one CUDA graph" if capture else f"the training step eager ({why})"
@@ -52,15 +62,14 @@ def describe(device, amp_dtype, processes, config):
 
 class CudaStep:
     """A hw2.step.TrainStep on a CUDA GPU: warm-up steps eagerly on a side stream, deciding on
-    the joined pass, then (capture) the step captured and replayed. Called like the step;
-    `load` and `inputs` are the step's own."""
+    the joined pass, then (capture) the step captured once and replayed. Called like the step,
+    it returns the loss as a tensor of its own; `load` and `inputs` are the step's."""
 
     def __init__(self, step, capture=True, join=True):
         self.step = step
         self.capture = capture
         self.join = join  # joined_passes: decided after the first warm-up step
         self.graph = None
-        self.loss = None  # the captured step's loss: the same tensor, rewritten by every replay
         self.warm_steps = 0
         self.failed = None  # why a capture failed, once it has
 
@@ -73,8 +82,7 @@ class CudaStep:
 
     def __call__(self):
         if self.graph is not None:
-            self.graph.replay()
-            return self.loss
+            return self.graph.replay().clone()  # the graph's loss is rewritten by the next replay
         if self.warm_steps < WARMUP_STEPS:
             return self.warm_up()
         if self.capture and not self.failed:
@@ -83,43 +91,63 @@ class CudaStep:
 
     def warm_up(self):
         """One step on a side stream, deciding on the joined pass after the first."""
-        first = self.warm_steps == 0
-        device = self.step.device
+        calls, device, first = cuda.calls(), self.step.device, self.warm_steps == 0
         if first:
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+            calls.reset_peak_memory(device)
+            before = calls.memory_allocated(device)
+        with calls.side_stream(device):
             loss = self.step()
-        torch.cuda.current_stream(device).wait_stream(side)
         self.warm_steps += 1
         if first and self.join and self.step.passes > 1:
-            pass_bytes = torch.cuda.max_memory_allocated(device) - before
-            free, _ = torch.cuda.mem_get_info(device)
-            self.step.joined = self.step.passes * pass_bytes <= JOIN_MEMORY_SHARE * free
+            pass_bytes = calls.peak_memory(device) - before
+            self.step.joined = self.step.passes * pass_bytes <= JOIN_MEMORY_SHARE * calls.free_memory(device)
         return loss
 
     def record(self):
-        """Capture the step, then replay it for this step."""
-        step = self.step
+        """Capture the step, then replay it for this step. A failed capture leaves the weights,
+        the optimizer and the generator as they were before it, and the step runs eagerly."""
+        step, calls = self.step, cuda.calls()
+        before = Saved(step, calls)
         step.autocast_cache = False  # torch: no autocast weight cache inside a capture
         step.opt.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                loss = step()
-        except Exception as e:  # noqa: BLE001 - any layer that cannot be captured: run eagerly, say why
-            torch.cuda.synchronize(step.device)
-            step.opt.zero_grad(set_to_none=True)
+            self.graph = calls.capture(step, step.device)
+        except Exception as e:  # noqa: BLE001 - whatever cannot be captured: run eagerly, say why
+            self.failed = f"{type(e).__name__}: {shorten(e)}"
+            trouble = calls.trouble(step.device)
+            if trouble:
+                raise cuda.CaptureBroke(f"the training step could not be captured in a CUDA graph ({self.failed}) and "
+                                   f"the GPU did not recover ({trouble})") from None
+            before.restore()
             step.autocast_cache = True
-            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warn_once(f"note: the training step could not be captured in a CUDA graph ({self.failed}); "
                       f"it runs eagerly")
-            return self.step()
-        self.graph, self.loss = graph, loss
-        graph.replay()
-        return loss
+            return step()
+        return self.graph.replay().clone()
+
+
+class Saved:
+    """What a training step changes, as it was: the weights, the optimizer's state and the
+    device's generator (a failed capture may have run part of the step)."""
+
+    def __init__(self, step, calls):
+        self.step, self.calls = step, calls
+        self.params = [p.detach().clone() for p in parameters(step.opt)]
+        self.opt = copy.deepcopy(step.opt.state_dict())
+        self.rng = calls.rng_state(step.device)
+
+    def restore(self):
+        step = self.step
+        step.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, saved in zip(parameters(step.opt), self.params, strict=True):
+                p.copy_(saved)
+        step.opt.load_state_dict(self.opt)
+        self.calls.set_rng_state(self.rng, step.device)
+
+
+def parameters(opt):
+    return [p for group in opt.param_groups for p in group["params"]]
 
 
 def for_trainer(step, config):
@@ -128,7 +156,7 @@ def for_trainer(step, config):
     where they are no larger than the homework's (CPU_JOIN_PIXELS); with --plain, step itself."""
     if config.plain:
         return step
-    if step.device.type == "cuda":
+    if cuda.calls().holds(step.device):
         capture, _ = plan(step.device, step.amp_dtype, step.procs, config)
         return CudaStep(step, capture=capture)
     if step.device.type == "cpu" and step.amp_dtype == torch.bfloat16:
