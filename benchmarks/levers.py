@@ -55,7 +55,7 @@ from hw2.step import TrainStep  # noqa: E402
 from unet import Unet  # noqa: E402
 
 HOMEWORK = dict(size=32, batch=32, passes=2, dim=16, mults=(1, 2, 4, 8), T=50)
-DRY = dict(size=16, batch=4, passes=2, dim=8, mults=(1, 2), T=5)
+DRY = dict(size=16, batch=4, passes=2, dim=8, mults=(1, 2), T=5, most_images=8)  # most_images: per sampling pass
 SAMPLING_ONLY = {"base2_softmax", "attention_kernel", "channels_last", "pass_size"}  # the default rule for channels_last
 TRAINING_ONLY = {"fused_adam"}
 STANDS_IN = {"base2_softmax": "attention_kernel"}  # runs only where the other does not
@@ -149,7 +149,7 @@ def sample_seconds_per_image(model, dtype, evaluations, sized, settings, capture
     up (and, captured, to capture: hw2/fast/replay.py, for the plain network as for the fast)."""
     device = next(model.parameters()).device
     size, last = settings["size"], settings["T"] - 1
-    n = fast.images_per_pass(model, device, size, dtype, sized=sized)
+    n = min(fast.images_per_pass(model, device, size, dtype, sized=sized), settings.get("most_images", 2**31))
     model.eval()
     network = model.evaluate if fast.is_fast(model) else model.forward  # evaluate: not replayed by itself
     times = []

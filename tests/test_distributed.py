@@ -51,13 +51,14 @@ def step_losses(folder):
 
 
 def test_two_processes_equal_one_at_twice_the_batch_and_resume_across_counts(image_root, tmp_path):
-    # step 1 from the same seed: one process at batch 4, two at batch 2 (the same global batch)
-    one, one_out = train(image_root, tmp_path, tmp_path / "one", 1, 4, 1)
-    two, two_out = train(image_root, tmp_path, tmp_path / "two", 2, 2, 1)
-    assert two_out["step"] == one_out["step"] == 1
-    assert not any(k.startswith("module.") for k in two_out["model"])
-    assert step_losses(tmp_path / "two") == pytest.approx(step_losses(tmp_path / "one"), rel=1e-5)
-    assert_same_model(two_out["model"], one_out["model"])
+    # two steps from the same seed: one process at batch 4, two at batch 2 (the same global batch)
+    one, _ = train(image_root, tmp_path, tmp_path / "one", 1, 4, 2)
+    two, two_out = train(image_root, tmp_path, tmp_path / "two", 2, 2, 2)
+    first = {n: torch.load(tmp_path / n / "model-1.pt", weights_only=True) for n in ("one", "two")}
+    assert first["two"]["step"] == first["one"]["step"] == 1
+    assert not any(k.startswith("module.") for k in first["two"]["model"])
+    assert step_losses(tmp_path / "two")[0] == pytest.approx(step_losses(tmp_path / "one")[0], rel=1e-5)
+    assert_same_model(first["two"]["model"], first["one"]["model"])
 
     # only rank 0 printed and wrote: one config, one completion, the single-process file set
     assert two.stdout.count("config:") == 1 and two.stdout.count("training completed") == 1
@@ -68,21 +69,21 @@ def test_two_processes_equal_one_at_twice_the_batch_and_resume_across_counts(ima
     drawn = [p.read_bytes() for p in sorted((tmp_path / "two" / "sample_ddpm_1").glob("*.png"))]
     assert len(drawn) == 4 and len(set(drawn)) == 4
 
-    # the 2-process checkpoint resumed for step 2 in one process and in two: the same step (its data,
-    # t and noise come from the checkpoint's states, whatever the process count)
-    checkpoint = str(tmp_path / "two" / "model-latest.pt")
-    _, resumed_one = train(image_root, tmp_path, tmp_path / "r1", 1, 4, 2, "--load_path", checkpoint)
+    # the 2-process checkpoint of step 1 resumed for step 2 in one process and in two: the same step
+    # (its data, t and noise come from the checkpoint's states, whatever the process count)
+    checkpoint = str(tmp_path / "two" / "model-1.pt")
+    one_more, resumed_one = train(image_root, tmp_path, tmp_path / "r1", 1, 4, 2, "--load_path", checkpoint)
     _, resumed_two = train(image_root, tmp_path, tmp_path / "r2", 2, 2, 2, "--load_path", checkpoint)
     assert resumed_one["step"] == resumed_two["step"] == 2
     assert step_losses(tmp_path / "r2")[-1] == pytest.approx(step_losses(tmp_path / "r1")[-1], rel=1e-5)
     assert_same_model(resumed_one["model"], resumed_two["model"])
+    assert "the checkpoint holds the random states of 2 process(es), this run has 1" in one_more.stdout
 
-    # each process's random stream continues as in a run that was never stopped: the same step 2,
-    # the same states in the checkpoint, one per process
-    _, straight = train(image_root, tmp_path, tmp_path / "straight", 2, 2, 2)
-    assert step_losses(tmp_path / "r2")[-1] == step_losses(tmp_path / "straight")[-1]
-    assert len(straight["rng"]["processes"]) == len(resumed_two["rng"]["processes"]) == 2
-    for theirs, ours in zip(straight["rng"]["processes"], resumed_two["rng"]["processes"]):
+    # each process's random streams continue as in the run that was never stopped: the same
+    # step 2, and the same states in its checkpoint, one per process
+    assert step_losses(tmp_path / "r2")[-1] == step_losses(tmp_path / "two")[-1]
+    assert len(two_out["rng"]["processes"]) == len(resumed_two["rng"]["processes"]) == 2
+    for theirs, ours in zip(two_out["rng"]["processes"], resumed_two["rng"]["processes"]):
         assert torch.equal(theirs["torch"], ours["torch"])
 
 
