@@ -266,8 +266,7 @@ class Attention(nn.Module):
 # model
 
 class Unet(nn.Module):
-    """The noise predictor. Besides the starter's attributes it keeps `dim` and `dim_mults`,
-    so that a checkpoint of another size can be named by the flags that would build it."""
+    """The noise predictor."""
 
     def __init__(
         self,
@@ -283,8 +282,6 @@ class Unet(nn.Module):
         # determine dimensions
 
         self.channels = channels
-        self.dim = dim
-        self.dim_mults = tuple(dim_mults)
         input_channels = channels
 
         init_dim = default(init_dim, dim)
@@ -340,7 +337,8 @@ class Unet(nn.Module):
                 Upsample(dim_out, dim_in) if not is_last else nn.Conv2d(dim_out, dim_in, 3, padding=1)
             ]))
 
-        self.out_dim = default(out_dim, channels)
+        default_out_dim = channels
+        self.out_dim = default(out_dim, default_out_dim)
 
         self.final_res_block = block_class(dim * 2, dim, time_emb_dim=time_dim)
         self.final_conv = nn.Conv2d(dim, self.out_dim, 1)

@@ -136,7 +136,7 @@ def mismatch_message(path, model, state, missing, unexpected, shapes):
     """What differs between a checkpoint's weights and model, blaming flags only when the
     weights' shapes show a U-Net of another size."""
     theirs = unet_shape(state)
-    ours = (model.dim, model.dim_mults)
+    ours = unet_shape(model.state_dict())
     if theirs is not None and theirs != ours:
         flags = lambda d, m: f"--unet_dim {d} --unet_dim_mults {' '.join(map(str, m))}"  # noqa: E731
         return (f"{path} holds a U-Net of another size: it was trained with {flags(*theirs)}, this run builds "
