@@ -41,6 +41,12 @@ EDITS = {  # name: (the line of unet.py as shipped, the line edited, the levers 
     "Unet.forward": ("return self.final_conv(x)", "return self.final_conv(x) * 0.5",
                      ["captured_sampling", "channels_last"]),
     "the time embedding": ("emb = math.log(10000) / (half_dim - 1)", "emb = math.log(1000) / (half_dim - 1)", []),
+    # edits to __init__, not forward: a lever stands in for the whole definition
+    "LinearAttention.__init__": ("self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)\n\n        self.to_out = nn.Seq",
+                                 "self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=True)\n\n        self.to_out = nn.Seq",
+                                 ["attention_kernel", "base2_softmax", "folded_attention"]),
+    "Block.__init__": ("self.norm = nn.GroupNorm(groups, dim_out)", "self.norm = nn.GroupNorm(groups // 2, dim_out)",
+                       ["modulation_in_norm"]),
 }
 
 

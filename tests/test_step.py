@@ -144,17 +144,19 @@ def test_the_step_is_captured_wherever_a_capture_holds_and_says_why_not(device, 
                          f"the training step eager ({expected[1]})")
 
 
-@pytest.mark.parametrize("amp,plain,accumulate,size,joined", [
-    ("off", False, 2, 16, False),  # float32's larger pass is slower on a CPU
-    ("bf16", False, 2, 16, True),
-    ("bf16", True, 2, 16, False),  # --plain: no lever
-    ("bf16", False, 1, 16, False),  # one pass: nothing to join
-    ("bf16", False, 2, 64, False),  # 2 x 4 images of 64 px: more pixels than the homework's 2 x 32 of 32 px
+@pytest.mark.parametrize("amp,plain,accumulate,size,batch,joined", [
+    ("off", False, 2, 16, 4, False),  # float32's larger pass is slower on a CPU
+    ("bf16", False, 2, 16, 4, True),
+    ("bf16", True, 2, 16, 4, False),  # --plain: no lever
+    ("bf16", False, 1, 16, 4, False),  # one pass: nothing to join
+    ("bf16", False, 2, 32, 32, True),  # the homework's 2 x 32 images of 32 px: CPU_JOIN_PIXELS exactly
+    ("bf16", False, 2, 32, 33, False),  # one image more
+    ("bf16", False, 2, 64, 4, False),  # 2 x 4 images of 64 px: more pixels than the homework's
 ])
 def test_on_a_cpu_the_trainer_calls_the_step_itself_joined_only_under_bf16(tiny_config, amp, plain, accumulate,
-                                                                           size, joined):
+                                                                           size, batch, joined):
     config = dataclasses.replace(tiny_config, amp=amp, plain=plain, gradient_accumulate_every=accumulate,
-                                 image_size=size, batch_size=4 if size == 16 else 32)
+                                 image_size=size, batch_size=batch)
     diffusion = build(config)
     step = TrainStep(diffusion, torch.optim.SGD(diffusion.model.parameters(), lr=0.1), batch_size=config.batch_size,
                      passes=accumulate, amp_dtype=torch.bfloat16 if amp == "bf16" else None)
