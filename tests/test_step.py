@@ -151,7 +151,7 @@ def test_the_step_is_captured_wherever_a_capture_holds_and_says_why_not(device, 
     ("bf16", False, 1, 16, 4, False),  # one pass: nothing to join
     ("bf16", False, 2, 32, 32, True),  # the homework's 2 x 32 images of 32 px: CPU_JOIN_PIXELS exactly
     ("bf16", False, 2, 32, 33, False),  # one image more
-    ("bf16", False, 2, 64, 4, False),  # 2 x 4 images of 64 px: more pixels than the homework's
+    ("bf16", False, 2, 64, 32, False),  # 2 x 32 images of 64 px: four times the homework's pixels
 ])
 def test_on_a_cpu_the_trainer_calls_the_step_itself_joined_only_under_bf16(tiny_config, amp, plain, accumulate,
                                                                            size, batch, joined):
