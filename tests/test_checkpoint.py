@@ -278,3 +278,22 @@ def test_our_checkpoints_carry_the_format(tiny_config, tmp_path):
                       torch.zeros(8, 3, 18, 18, dtype=torch.uint8))
     trainer.save(tmp_path / "model-1.pt")
     assert torch.load(tmp_path / "model-1.pt", weights_only=True)["format"] == FORMAT
+
+
+def test_every_checkpoint_after_a_resume_stores_the_whole_runs_elapsed_time(tiny_config, tmp_path, monkeypatch):
+    """Trained 10 s, resumed for 5 s, resumed again for 3 s: the checkpoints store 10, 15 and 18 s,
+    so that every later resume, not only the first, continues the clock."""
+    clock = [0.0]
+    monkeypatch.setattr("trainer.time.monotonic", lambda: clock[0])
+    stored, previous = [], None
+    for start, seconds in ((0.0, 10.0), (100.0, 5.0), (200.0, 3.0)):
+        clock[0] = start
+        trainer = Trainer(Diffusion(Unet(8, dim_mults=(1, 2)), image_size=16, timesteps=10), tiny_config,
+                          torch.randint(0, 255, (8, 3, 18, 18), dtype=torch.uint8))
+        if previous:
+            load(trainer, previous)
+        clock[0] += seconds
+        previous = tmp_path / f"model-{len(stored) + 1}.pt"
+        trainer.save(previous)
+        stored.append(load_checkpoint(previous)["elapsed"])
+    assert stored == [10.0, 15.0, 18.0]
