@@ -128,11 +128,12 @@ def test_a_kill_in_the_middle_of_a_write_leaves_the_previous_version(image_root,
 
 def test_a_run_killed_during_a_milestones_outputs_makes_them_when_resumed(image_root, tmp_path, standin_file):
     """Killed while milestone 1 writes its third sample image (its checkpoint is on disk): the
-    resumed run makes milestone 1's images, grid and FID first, the same images an uninterrupted
-    run makes, then trains on; metrics.csv has each milestone's FID once."""
+    resumed run makes milestone 1's images, grid, FID and held-out loss first, the same images an
+    uninterrupted run makes, then trains on; metrics.csv has each milestone's FID and held-out
+    loss once."""
     args = [*TINY, "--data_path", image_root, "--cache_dir", tmp_path / "c", "--train_steps", "2",
             "--save_and_sample_every", "1", "--fid", "--fid_num_samples", "4", "--inception_path", standin_file,
-            "--wandb", "disabled"]
+            "--heldout_images", "2", "--wandb", "disabled"]
     straight, out = tmp_path / "straight", tmp_path / "run"
     assert main.main([*map(str, args), "--save_folder", str(straight)]) == 0
     killed_mid_write("00002.png", 1, [*args, "--save_folder", out])
@@ -143,7 +144,8 @@ def test_a_run_killed_during_a_milestones_outputs_makes_them_when_resumed(image_
                               "--inception_path", str(standin_file)], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "milestone 1 was interrupted before sample_ddpm_1/, sample-1.png, its FID were made" in resumed.stdout
+    assert ("milestone 1 was interrupted before sample_ddpm_1/, sample-1.png, its FID, its held-out loss were made"
+            in resumed.stdout)
     for m in (1, 2):
         names = sorted(p.name for p in (out / f"sample_ddpm_{m}").iterdir())
         assert names == [f"{i:05d}.png" for i in range(4)]  # no half-written temporary left
@@ -154,6 +156,8 @@ def test_a_run_killed_during_a_milestones_outputs_makes_them_when_resumed(image_
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and all(r["fid"] is not None for r in rows)
     assert [r["fid"] for r in rows] == pytest.approx([r["fid"] for r in read_metrics(straight)])
+    assert [r["heldout_loss"] for r in rows] == pytest.approx([r["heldout_loss"] for r in read_metrics(straight)])
+    assert all(r["heldout_loss"] is not None for r in rows)
     assert (out / "metrics.csv").read_text().count("\n1,") == 1
 
 
