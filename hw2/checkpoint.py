@@ -10,6 +10,7 @@ Two other layouts load too, weights and step only: the homework starter's own
 "model.", maybe beside schedule buffers of the student's), and a bare U-Net state_dict.
 """
 import pickle
+import pickletools
 from pathlib import Path
 
 import torch
@@ -56,14 +57,14 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(
-            f"refusing to load {path}: it holds objects other than tensors and plain values "
-            f"({shorten(e) or type(e).__name__}); only load checkpoints you trust"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {shorten(e)})"
-                        f"{readable_sibling(path)}") from None
+    except Exception as e:  # noqa: BLE001 - whatever torch's unpickler raises on a file that is not a checkpoint
+        if carries_code(path, e):
+            raise UserError(
+                f"refusing to load {path}: it holds objects other than tensors and plain values "
+                f"({shorten(e) or type(e).__name__}); only load checkpoints you trust"
+            ) from None
+        raise UserError(f"checkpoint {path} is unreadable or truncated, or not a checkpoint ({type(e).__name__}: "
+                        f"{shorten(e)}){readable_sibling(path)}") from None
     if isinstance(ckpt, dict) and ckpt and "model" not in ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         ckpt = {"model": ckpt}  # a bare state_dict
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
@@ -78,6 +79,23 @@ def load_checkpoint(path):
     if version is not None and version > FORMAT:
         raise UserError(f"{path} has checkpoint format {version}, newer than this version reads ({FORMAT}): update")
     return ckpt
+
+
+def carries_code(path, error):
+    """Whether torch's weights-only load refused `path` (raising `error`) because it is a whole
+    pickle of objects that would run code when loaded, rather than a file that is cut short or
+    not a pickle at all. The pickle is read opcode by opcode (pickletools), never run."""
+    if "Unsupported global" in str(error):  # the weights-only unpickler named a class or function
+        return True
+    if not isinstance(error, pickle.UnpicklingError):
+        return False
+    code = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+    try:
+        with open(path, "rb") as f:
+            names = [op.name for op, _, _ in pickletools.genops(f)]
+    except Exception:  # noqa: BLE001 - not a whole pickle
+        return False
+    return bool(code.intersection(names))
 
 
 def is_homework_checkpoint(ckpt):

@@ -38,6 +38,33 @@ def test_unreadable_files_give_a_clear_error(tmp_path, content):
         load_checkpoint(path)
 
 
+def test_any_file_that_is_not_a_checkpoint_is_one_line_whatever_torch_raises(tmp_path, capsys):
+    """Random bytes (bare, behind a pickle header, behind a zip header) and a real checkpoint cut
+    at many lengths: each is called unreadable or not a checkpoint, never code to distrust,
+    never a traceback; a whole pickle that carries code still is refused as such."""
+    import random
+
+    whole = torch_bytes({"format": FORMAT, "model": {"w": torch.randn(300)}, "step": 3})
+    files = [whole[:n] for n in range(0, len(whole), max(1, len(whole) // 40))]
+    for i in range(120):
+        rng = random.Random(i)
+        files.append([b"", b"\x80\x02", b"PK\x03\x04"][i % 3] + rng.randbytes(rng.choice([1, 7, 64, 900, 5000])))
+    for i, data in enumerate(files):
+        path = tmp_path / f"file-{i}.pt"
+        path.write_bytes(data)
+        with pytest.raises(UserError) as error:
+            load_checkpoint(path)
+        assert "unreadable or truncated, or not a checkpoint" in str(error.value), (i, str(error.value))
+    assert main.main(["--load_path", str(tmp_path / "file-50.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {tmp_path / 'file-50.pt'} is unreadable") and err.count("\n") == 1
+    for protocol in (2, 4):
+        with open(tmp_path / "evil.pt", "wb") as f:
+            pickle.dump({"model": RunsCode()}, f, protocol=protocol)
+        with pytest.raises(UserError, match="refusing to load .*only load checkpoints you trust"):
+            load_checkpoint(tmp_path / "evil.pt")
+
+
 def test_truncated_checkpoint(tmp_path):
     path = tmp_path / "ok.pt"
     write_atomic(path, torch_bytes({"model": {"w": torch.randn(1000)}}))
