@@ -8,6 +8,7 @@ and on disk; the random crop and flip still happen at every draw.
 import concurrent.futures
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,20 +124,26 @@ def load_images(files, side, cache_dir=None, progress=True, need=1):
 
     arrays, skipped = [None] * len(files), []
     workers = min(32, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    bar = tqdm(total=len(files), desc="decoding images", unit="img", disable=not progress, leave=False)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool, bar:
         futures = {pool.submit(decode, f, side): i for i, f in enumerate(files)}
-        done = concurrent.futures.as_completed(futures)
-        for fut in tqdm(done, total=len(files), desc="decoding images", unit="img", disable=not progress, leave=False):
+        for fut in concurrent.futures.as_completed(futures):
             i = futures[fut]
             try:
                 arrays[i] = fut.result()
             except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
                 skipped.append(files[i])
+            bar.update()
     kept = [a for a in arrays if a is not None]
+    problem = None
     if not kept:
-        raise UserError(f"none of the {len(files)} image files could be read (first: {files[0]})")
-    if len(kept) < need:
-        raise too_few_images(len(kept), need)
+        problem = UserError(f"none of the {len(files)} image files could be read (first: {files[0]})")
+    elif len(kept) < need:
+        problem = too_few_images(len(kept), need)
+    if problem:
+        if progress:  # the closed bar leaves its line blank but unended: the error gets a line of its own
+            print(file=sys.stderr)
+        raise problem
     images = torch.from_numpy(np.stack(kept)).permute(0, 3, 1, 2).contiguous()  # (N, 3, side, side)
     skipped.sort()
 
