@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import os
 import sys
+import tempfile
 import typing
 from pathlib import Path
 
@@ -153,6 +154,11 @@ def check_writable(folder):
         raise UserError(f"cannot write to --save_folder {folder}: {existing} is a file; choose another folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to --save_folder {folder} (no permission in {existing}); choose another folder")
+    try:  # permissions are not all: /proc, a read-only mount. A folder made and removed at once says
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as e:
+        raise UserError(f"cannot write to --save_folder {folder} ({e.strerror or e} in {existing}); "
+                        f"choose another folder") from None
 
 
 def print_config(config, taken, source, device, dtype, procs, model):

@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -118,14 +120,18 @@ def test_flags_given_override_the_checkpoint_and_the_model_may_not_change(image_
     (["--load_path", "{tmp}/missing.pt"], "does not exist"),
     (["--fid", "--inception_path", "{tmp}/missing.pt"], "--inception_path points at"),
     (["--batch_size", "13"], "fewer than one batch of 13"),
+    pytest.param(["--save_folder", "/proc/hw2-run"], "cannot write to --save_folder /proc/hw2-run (No such file",
+                 marks=pytest.mark.skipif(not Path("/proc/self").exists(), reason="no /proc here")),
 ])
 def test_a_failed_start_creates_nothing(image_root, tmp_path, flags, message, capsys, monkeypatch):
+    """Each mistake is reported alone, before the settings are printed, and nothing is created."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"
     args = [*TINY, "--data_path", str(image_root), "--cache_dir", str(tmp_path / "cache"), "--save_folder", str(out),
             *[f.format(tmp=tmp_path) for f in flags]]
     assert main.main(args) == 1
-    assert message in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert message in printed.err and "config:" not in printed.out
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
