@@ -225,7 +225,7 @@ def run(config, given=(), procs=None, procs_device=None):
 
     if config.sample:
         print_config(config, taken, path, device, dtype, procs, diffusion.model)
-        return sample(diffusion, ckpt, path, config, dtype, fid)
+        return sample(diffusion, ckpt, path, config, dtype, fid, grid_from_file="num_samples" in (taken or []))
     world = procs.world if training else 1
     if procs.main:  # decoded once and cached, and counted: too few for a batch is refused here
         files, images = training_data(config, need=config.batch_size * world if training else 1, files=files)
@@ -274,9 +274,10 @@ def sampling_weights(diffusion, ckpt, path):
     return diffusion.with_model(ema)
 
 
-def sample(diffusion, ckpt, path, config, dtype, fid):
-    """--sample N: N images from the checkpoint into a folder of their own, plus a grid, and
-    their FID against the training images with --fid."""
+def sample(diffusion, ckpt, path, config, dtype, fid, grid_from_file=False):
+    """--sample N: N images from the checkpoint into a folder of their own, plus a grid of the
+    first --num_samples (the checkpoint's unless given: grid_from_file), and their FID against
+    the training images with --fid."""
     step = int(ckpt.get("step", 0))
     images_folder, grid_path = RunFolder(config.save_folder).on_demand(step, config.seed)
     sampler = sampling_weights(diffusion, ckpt, path)
@@ -286,8 +287,10 @@ def sample(diffusion, ckpt, path, config, dtype, fid):
         save_images(images, images_folder)
         save_grid(images[: config.num_samples], grid_path)
         logger.log_images("samples", images[: config.num_samples], step)
+        whose = f" (--num_samples {config.num_samples}, the run's; --num_samples N for another)" if grid_from_file \
+            and config.num_samples < config.sample else ""
         lines = [f"wrote {config.sample} images to {images_folder}/ and a grid of "
-                 f"{min(config.num_samples, config.sample)} to {grid_path}"]
+                 f"{min(config.num_samples, config.sample)} to {grid_path}{whose}"]
         if fid:
             fid.prepare()
             score = fid(images_folder)

@@ -7,20 +7,22 @@ from hw2.runlog import RunLog, read_metrics
 
 
 def test_rows_are_appended_and_the_file_is_rewritten_only_when_a_written_row_changes(tiny_config, monkeypatch):
+    """Each step's row is in metrics.csv as soon as it is logged (tail -f shows every step), appended;
+    a milestone's FID joining its step's row rewrites the file once."""
     config = dataclasses.replace(tiny_config, wandb="disabled")
     rewrites = []
     real = runlog.write_atomic
     monkeypatch.setattr(runlog, "write_atomic", lambda path, data: rewrites.append(path) or real(path, data))
-    monkeypatch.setattr(runlog, "FLUSH_EVERY", 3)
     log = RunLog(config, "disabled")
     log.truncate(0)  # what a run does first: one rewrite
     for step in range(1, 8):
         log.log({"loss": 1.0 / step}, step, elapsed=step)
+        assert [r["step"] for r in read_metrics(config.save_folder)] == list(range(1, step + 1))
     assert len(rewrites) == 1
-    assert [r["step"] for r in read_metrics(config.save_folder)] == [1, 2, 3, 4, 5, 6]  # appended in threes
-    log.flush()  # a milestone: step 7 appended
-    log.log({"fid": 12.5}, 7, elapsed=7.5)  # joins step 7's written row: rewritten once
-    assert len(rewrites) == 2
+    log.log({"fid": 12.5}, 7, elapsed=7.5)  # joins step 7's written row: rewritten once, at once
+    assert len(rewrites) == 2 and read_metrics(config.save_folder)[-1]["fid"] == 12.5
+    log.log({"heldout_loss": 0.25}, 7, elapsed=7.5)
+    assert len(rewrites) == 3 and read_metrics(config.save_folder)[-1]["heldout_loss"] == 0.25
     log.finish()
     rows = read_metrics(config.save_folder)
     assert [r["step"] for r in rows] == list(range(1, 8)) and rows[-1]["fid"] == 12.5 and rows[-1]["loss"] == 1 / 7

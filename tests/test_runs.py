@@ -76,7 +76,8 @@ def test_resume_visualize_and_sample_need_only_the_run_folder(image_root, tmp_pa
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:05d}.png" for i in range(5)]
     assert Image.open(out / "samples-step4-seed7.png").size == (2 + 2 * 18, 2 + 2 * 18)  # the first 4, 2 x 2
     assert "sampling 5 images" in proc.stderr  # the progress bar
-    assert f"wrote 5 images to {folder}/" in proc.stdout
+    assert (f"wrote 5 images to {folder}/ and a grid of 4 to {out / 'samples-step4-seed7.png'} (--num_samples 4, "
+            f"the run's; --num_samples N for another)") in proc.stdout  # the grid's size, and where it came from
 
 
 def test_sample_uses_the_ema_weights_the_seed_and_ddim(image_root, tmp_path, monkeypatch):
