@@ -10,6 +10,7 @@ import netrc
 import os
 import re
 import secrets
+import shlex
 from pathlib import Path
 
 from hw2.files import append_lines, complete_lines, write_atomic
@@ -154,14 +155,18 @@ class RunLog:
             self.run.summary.update(values)
 
     def sync_command(self):
-        """The command that uploads this run when it was logged offline, else None. Every
-        command on the folder wrote a part of the same run; wandb sync uploads them in order."""
+        """(the command that uploads this run, how many parts it has) when it was logged offline,
+        else None. Every command on the folder wrote a part of the same run; wandb sync uploads
+        them in order, and one pattern names them all, however many commands there were."""
         if self.run is None or self.run.settings.mode != "offline":
             return None
         # wandb names each part offline-run-<time>-<id>, with -1, -2 ... when two start in one second
         part = re.compile(rf"offline-run-.*-{re.escape(self.run.id)}(-\d+)?")
-        parts = sorted(p for p in Path(self.run.settings.sync_dir).parent.iterdir() if part.fullmatch(p.name))
-        return "wandb sync " + " ".join(str(p) for p in parts)
+        where = Path(self.run.settings.sync_dir).parent
+        parts = sorted(p for p in where.iterdir() if part.fullmatch(p.name))
+        if len(parts) == 1:
+            return f"wandb sync {shlex.quote(str(parts[0]))}", 1
+        return f"wandb sync {shlex.quote(str(where))}/offline-run-*-{self.run.id}*", len(parts)
 
     def flush(self, force=False):
         """Bring metrics.csv up to date: new rows appended (hw2.files.append_lines: a kill leaves at
@@ -185,4 +190,6 @@ class RunLog:
             self.run.finish()
             self.run = None
             if sync:
-                print(f"  W&B logged offline; upload it with: {sync}")
+                command, parts = sync
+                print(f"  W&B logged offline{f' ({parts} parts, one per command)' if parts > 1 else ''}; upload it "
+                      f"with: {command}")

@@ -1,5 +1,8 @@
 """What a student meets on the command line: a finished run left as it is, milestones that say
 what they wrote, the first real problem reported first."""
+import glob
+from pathlib import Path
+
 import main
 from test_cli import TINY
 
@@ -62,7 +65,10 @@ def test_every_command_on_a_run_folder_logs_to_one_wandb_run(image_root, tmp_pat
     runs = [logged(next(part.glob("run-*.wandb"))) for part in parts]
     assert [run.run_id for run, _ in runs] == [run_id, run_id]
     assert [row["_step"] for row in runs[1][1] if "loss" in row] == [3, 4]  # the resume logs steps 3 and 4
-    assert said[-1] == f"  W&B logged offline; upload it with: wandb sync {parts[0]} {parts[1]}"
+    assert said[-1] == (f"  W&B logged offline (2 parts, one per command); upload it with: wandb sync "
+                        f"{out / 'wandb'}/offline-run-*-{run_id}*")
+    pattern = said[-1].split("wandb sync ")[1]
+    assert sorted(map(Path, glob.glob(pattern))) == parts  # what the shell hands wandb sync: every part, in order
 
 
 def test_a_stopped_run_still_says_how_to_upload_what_it_logged(image_root, tmp_path, capsys, monkeypatch):
