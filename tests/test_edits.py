@@ -12,24 +12,29 @@ from conftest import ROOT
 
 PROBE = """
 import copy, json, sys, torch
-sys.path.insert(0, ".")
-import unet
-from hw2 import fast
-from hw2.config import Config
 
-torch.manual_seed(0)
-homework = unet.Unet(8, dim_mults=(1, 2))  # as unet.py now writes it: what --plain runs
-ours = fast.for_run(copy.deepcopy(homework), Config())
-x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
-training = (ours(x, t) - homework(x, t)).abs().max().item()
-with fast.sampling(ours):
-    sampled = ours(x, t)
-with torch.inference_mode():
-    reference = homework(x, t)
-print(json.dumps({"training": training, "sampling": (sampled - reference).abs().max().item(),
-                  "as_shipped": float(sys.argv[1]) if len(sys.argv) > 1 else None,
-                  "note": fast.edited_note(), "levers": sorted(ours.levers),
-                  "output": reference.flatten()[:64].tolist()}))
+PROJECT = ("unet", "diffusion", "main", "trainer", "hw2")
+for folder in sys.argv[1:]:  # each a copy of the project: its own unet.py, imported afresh (torch stays loaded)
+    for name in [m for m in sys.modules if m.split(".")[0] in PROJECT]:
+        del sys.modules[name]
+    sys.path.insert(0, folder)
+    import unet
+    from hw2 import fast
+    from hw2.config import Config
+
+    torch.manual_seed(0)
+    homework = unet.Unet(8, dim_mults=(1, 2))  # as unet.py now writes it: what --plain runs
+    ours = fast.for_run(copy.deepcopy(homework), Config())
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    training = (ours(x, t) - homework(x, t)).abs().max().item()
+    with fast.sampling(ours):
+        sampled = ours(x, t)
+    with torch.inference_mode():
+        reference = homework(x, t)
+    print(json.dumps({"folder": folder, "training": training, "sampling": (sampled - reference).abs().max().item(),
+                      "note": fast.edited_note(), "levers": sorted(ours.levers), "unet": unet.__file__,
+                      "output": reference.flatten()[:64].tolist()}))
+    sys.path.remove(folder)
 """
 
 EDITS = {  # name: (the line of unet.py as shipped, the line edited, the levers the edit turns off)
@@ -63,22 +68,31 @@ def project_copy(folder, old=None, new=None):
     return folder
 
 
-def probe(folder):
-    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=folder, capture_output=True, text=True, timeout=300)
+def probe(*folders):
+    """What the PROBE finds in each folder, in one process."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, *map(str, folders)], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    seen = [json.loads(line) for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    assert [s["folder"] for s in seen] == list(map(str, folders))
+    assert [s["unet"] for s in seen] == [str(f / "unet.py") for f in folders]  # each copy's own unet.py ran
+    return seen
 
 
 @pytest.fixture(scope="module")
-def as_shipped(tmp_path_factory):
-    return probe(project_copy(tmp_path_factory.mktemp("shipped")))
+def probed(tmp_path_factory):
+    """{edit (None: as shipped): what the probe found}, every copy probed in one process."""
+    folders = {None: project_copy(tmp_path_factory.mktemp("shipped"))}
+    for edit, (old, new, _) in EDITS.items():
+        folders[edit] = project_copy(tmp_path_factory.mktemp("edited"), old, new)
+    return dict(zip(folders, probe(*folders.values())))
 
 
 @pytest.mark.parametrize("edit", EDITS)
-def test_the_default_network_computes_unet_py_as_edited(edit, tmp_path, as_shipped):
-    old, new, off = EDITS[edit]
-    seen = probe(project_copy(tmp_path, old, new))
-    assert seen["output"] != as_shipped["output"]  # the edit changes the network
+def test_the_default_network_computes_unet_py_as_edited(edit, probed):
+    off = EDITS[edit][2]
+    seen = probed[edit]
+    assert seen["output"] != probed[None]["output"]  # the edit changes the network
     assert seen["training"] < 1e-5 and seen["sampling"] < 1e-4, seen  # and the default run computes it
     every = {"fused_norms", "folded_attention", "base2_softmax", "attention_kernel", "modulation_in_norm",
              "sub_pixel_upsample", "channels_last", "captured_sampling"}
