@@ -116,8 +116,8 @@ class CudaStep:
             self.failed = f"{type(e).__name__}: {shorten(e)}"
             trouble = calls.trouble(step.device)
             if trouble:
-                raise cuda.CaptureBroke(f"the training step could not be captured in a CUDA graph ({self.failed}) and "
-                                   f"the GPU did not recover ({trouble})") from None
+                raise cuda.CaptureBroke(f"the training step could not be captured in a CUDA graph ({self.failed}) "
+                                        f"and the GPU did not recover ({trouble})") from None
             before.restore()
             step.autocast_cache = True
             warn_once(f"note: the training step could not be captured in a CUDA graph ({self.failed}); "
