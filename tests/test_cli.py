@@ -235,3 +235,15 @@ def test_the_readme_is_a_students_first_screen_and_every_link_resolves():
                 assert anchor in slugs, (page.name, target)
     linked_docs = set(re.findall(r"\(docs/(\w+\.md)", readme.read_text()))
     assert linked_docs == {p.name for p in (ROOT / "docs").glob("*.md")}  # every page reachable from the README
+
+
+def test_a_resume_takes_the_training_settings_from_the_checkpoint_and_the_machines_from_this_command(tmp_path):
+    """A checkpoint from a T4 run (--amp fp16, --cuda_graph False, --plain, --device cuda) resumed
+    on a laptop: the way of computing is this command's, the training's settings the file's."""
+    stored = Config(amp="fp16", device="cuda", plain=True, cuda_graph=False, channels_last=True, verbose=True,
+                    batch_size=12, learning_rate=5e-4, num_samples=9).to_dict()
+    settled, taken = main.settle_config(Config(), set(), {"config": stored, "model": {}}, tmp_path / "model-latest.pt")
+    assert (settled.amp, settled.device, settled.plain, settled.cuda_graph, settled.channels_last, settled.verbose) \
+        == ("auto", "auto", False, None, None, False)
+    assert (settled.batch_size, settled.learning_rate, settled.num_samples) == (12, 5e-4, 9)
+    assert not {"amp", "device", "plain", "cuda_graph", "channels_last", "verbose"} & set(taken)
