@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from diffusion import Diffusion  # noqa: E402
 import levers  # noqa: E402
 from hw2 import fast  # noqa: E402
+from hw2.check import synthetic_images  # noqa: E402
 from hw2.checkpoint import load_checkpoint  # noqa: E402
 from hw2.fast import cuda  # noqa: E402
 from hw2.fast.fake_cuda import FakeCuda  # noqa: E402
@@ -67,17 +68,6 @@ DRY = dict(image_size=8, unet_dim=8, unet_dim_mults=(1, 2), time_steps=5, batch_
            compared_steps=8, lever_steps=1, lever_evaluations=1)
 LEVER_SETTINGS = {False: levers.HOMEWORK, True: levers.DRY}  # by dry
 RUNS = {"10,000-step run": (10_000, 11 * 64), "FID experiment": (1_000, 10 * 512 + 64)}  # (steps, images drawn)
-
-
-def synthetic_images(n, side, seed=0):
-    """n smooth RGB images (N, 3, side, side) uint8: gradients and a disc, easy to learn."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
-    c = torch.rand(n, 3, 3, generator=g)
-    disc = (((xx - 0.5) ** 2 + (yy - 0.5) ** 2) < 0.1).float()
-    img = c[..., 0, None, None] * xx + c[..., 1, None, None] * yy + c[..., 2, None, None] * disc
-    img = img / img.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
-    return (img * 255).round().to(torch.uint8)
 
 
 def sync(device):
@@ -174,6 +164,10 @@ class HostRead:
         grad.sum().item()
 
 
+def largest_difference(a, b):
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
+
+
 def run_steps(trainer, steps):
     """(losses, stderr) of `steps` training steps."""
     err = io.StringIO()
@@ -195,7 +189,7 @@ def captured_path(settings, device, workdir):
     eager_losses, _ = run_steps(eager, steps)
     torch.manual_seed(1)
     captured_losses, _ = run_steps(captured, steps)
-    worst = max(abs(a - b) / abs(a) for a, b in zip(eager_losses, captured_losses))
+    worst = largest_difference(eager_losses, captured_losses)
     lines.append(f"{steps} steps from one seed, eager / captured (captured from step {WARMUP_STEPS + 1}), "
                  f"largest relative difference {worst:.1e}:")
     lines += [f"  step {k + 1}: {a:.6f} / {b:.6f}" for k, (a, b) in enumerate(zip(eager_losses, captured_losses))]
@@ -241,10 +235,12 @@ def captured_path(settings, device, workdir):
         runs.append((trainer, *run_steps(trainer, WARMUP_STEPS + 3)))
     (drilled, losses, err), (_, eager_losses, _) = runs
     notes = err.count("could not be captured")
+    apart = largest_difference(losses, eager_losses)  # 0 on a CPU; cuDNN may differ in the last bits
     lines.append(f"drill, a layer that reads a value on the host: {'eager' if drilled.one_step.failed else 'CAPTURED'} "
                  f"after the failed capture ({drilled.one_step.failed}), the note printed {notes} time(s), "
-                 f"losses {'equal to' if losses == eager_losses else 'NOT'} the eager run's")
-    ok &= bool(drilled.one_step.failed) and notes == 1 and losses == eager_losses
+                 f"losses {'equal to' if apart < 1e-4 else 'NOT'} the eager run's (largest relative difference "
+                 f"{apart:.1e})")
+    ok &= bool(drilled.one_step.failed) and notes == 1 and apart < 1e-4
     return lines, ok
 
 

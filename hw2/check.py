@@ -31,13 +31,22 @@ class Failed(Exception):
 
 
 def synthetic_images(n, side, seed=0):
-    """n smooth images (n, 3, side, side) in [-1, 1]: gradients and a disc, quick to learn."""
+    """n smooth RGB images (n, 3, side, side) uint8: gradients and a disc, quick to learn (also
+    benchmarks/gpu_check.py's)."""
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
     c = torch.rand(n, 3, 3, generator=g)
     disc = (((xx - 0.5) ** 2 + (yy - 0.5) ** 2) < 0.1).float()
     img = c[..., 0, None, None] * xx + c[..., 1, None, None] * yy + c[..., 2, None, None] * disc
-    return img / img.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6) * 2 - 1
+    img = img / img.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (img * 255).round().to(torch.uint8)
+
+
+def model_images(n, side, seed=0):
+    """synthetic_images as the model takes them: float in [-1, 1]."""
+    from hw2.data import Batches
+
+    return Batches.to_model(synthetic_images(n, side, seed), "cpu")
 
 
 def where(error):
@@ -59,7 +68,7 @@ def check_unet(diffusion):
 
 
 def check_q_sample(diffusion):
-    x_0 = synthetic_images(BATCH, SIZE)
+    x_0 = model_images(BATCH, SIZE)
     x_t = diffusion.q_sample(x_0, torch.full((BATCH,), T - 1), noise=torch.randn_like(x_0))
     if tuple(x_t.shape) != tuple(x_0.shape) or not torch.isfinite(x_t).all():
         raise Failed(f"q_sample gave {tuple(x_t.shape)} (finite: {bool(torch.isfinite(x_t).all())}) for x_0 "
@@ -77,7 +86,7 @@ def check_training(diffusion):
 
     opt = fast.make_adam(diffusion.model, 1e-3)
     step = TrainStep(diffusion, opt, batch_size=BATCH, passes=1)
-    images = synthetic_images(BATCH, SIZE, seed=1)
+    images = model_images(BATCH, SIZE, seed=1)
     losses = []
     diffusion.model.train()
     for k in range(STEPS):
