@@ -85,7 +85,8 @@ class Trainer:
         try:
             loss = self.procs.mean(self.one_step()).item()
         except fast.CaptureBroke as e:
-            resume = self.on_disk() if self.saved_step is not None else "nothing was saved: run the same command again with"
+            resume = (self.on_disk() if self.saved_step is not None
+                      else "nothing was saved: run the same command again with")
             raise UserError(f"{e}; the run stopped. {resume} --cuda_graph False") from None
         if not math.isfinite(loss):
             raise UserError(

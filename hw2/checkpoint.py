@@ -203,6 +203,19 @@ def capture_rng(device, procs):
     return {"processes": [{k: v[rank].clone() for k, v in gathered.items()} for rank in range(procs.world)]}
 
 
+def states_before_processes(rng, device, procs):
+    """[the main process's states] from a checkpoint written before every process kept its own:
+    its CPU state, and the CUDA state of this device from its list by device index."""
+    if "torch" not in rng:
+        return []
+    state = {"torch": rng["torch"]}
+    index = (device.index or 0) if procs.world == 1 else 0
+    cuda = rng.get("cuda") or []
+    if index < len(cuda):
+        state["cuda"] = cuda[index]
+    return [state]
+
+
 def restore_rng(rng, device, procs):
     """Set this process's generators from a checkpoint's "rng" (capture_rng's, or the main
     process's alone, as checkpoints before it held them). Returns a note for the start-up when
@@ -210,12 +223,7 @@ def restore_rng(rng, device, procs):
     process 0's streams (the processes draw alike: every one draws the whole global batch's t
     and noise and keeps its slice), which keeps them together."""
     device = torch.device(device)
-    states = rng.get("processes")
-    if states is None:  # the main process's CPU state and its list of CUDA states, by device index
-        index = device.index or 0 if procs.world == 1 else 0
-        cuda = rng.get("cuda") or []
-        states = [{"torch": rng["torch"], **({"cuda": cuda[index]} if index < len(cuda) else {})}] if "torch" in rng \
-            else []
+    states = rng["processes"] if "processes" in rng else states_before_processes(rng, device, procs)
     if not states:
         return None
     note = None

@@ -20,7 +20,7 @@ Entry points, the only names the rest of the project uses:
 """
 import torch
 
-from hw2.fast import cuda, kernel
+from hw2.fast import kernel
 from hw2.fast.cuda import CaptureBroke
 from hw2.fast.memory import keep_freed_memory
 from hw2.fast.network import CPU_LEVERS, LEVERS, NETWORK_LEVERS, edited_note, is_fast, speed_up
@@ -30,7 +30,7 @@ from hw2.fast.step import describe as describe_step, for_trainer as step_for_tra
 _process = {}  # what tune_process() did in this process: {"freed_memory": note or None}
 
 __all__ = ["LEVERS", "CPU_LEVERS", "for_run", "speed_up", "edited_note", "is_fast", "sampling", "images_per_pass", "make_adam", "tune_process",
-           "describe", "describe_step", "step_plan", "step_for_trainer", "CaptureBroke", "cuda"]
+           "describe", "describe_step", "step_plan", "step_for_trainer", "CaptureBroke"]
 
 
 def for_run(model, config):
