@@ -85,8 +85,8 @@ def carries_code(path, error):
     """Whether torch's weights-only load refused `path` (raising `error`) because it is a whole
     pickle of objects that would run code when loaded, rather than a file that is cut short or
     not a pickle at all. The pickle is read opcode by opcode (pickletools), never run."""
-    if "Unsupported global" in str(error):  # the weights-only unpickler named a class or function
-        return True
+    if "unsupported global" in str(error).lower():  # the weights-only unpickler named a class or function
+        return True  # ("Unsupported global: GLOBAL ...", or "unsupported GLOBAL ... whose module ... is blocked")
     if not isinstance(error, pickle.UnpicklingError):
         return False
     code = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}

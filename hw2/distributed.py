@@ -62,10 +62,13 @@ class Processes:
         """Concatenate equally shaped tensors from every process along dim 0, in rank order."""
         if not self.distributed:
             return tensor
-        tensor = tensor.to(self.device).contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(self.world)]
-        dist.all_gather(parts, tensor)
-        return torch.cat(parts)
+        # out of inference mode (sampling gathers in it): torch 2.4's gloo writes the parts in place
+        # from a thread of its own, where inference tensors may not be written
+        with torch.inference_mode(False):
+            tensor = tensor.to(self.device).clone(memory_format=torch.contiguous_format)
+            parts = [torch.empty_like(tensor) for _ in range(self.world)]
+            dist.all_gather(parts, tensor)
+            return torch.cat(parts)
 
     def barrier(self):
         if self.distributed:
