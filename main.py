@@ -298,6 +298,7 @@ def sample(diffusion, ckpt, path, config, dtype, fid, grid_from_file=False):
             logger.log_summary({"fid": score, "fid_num_samples": config.sample})
             lines.append(f"FID of these {config.sample} images against the training images: {score:.3f} "
                          f"(also in {images_folder / 'fid.txt'})")
+        lines += [f"  {line}" for line in fast.capture_paths(None, sampler.model).splitlines()]
         print("\n".join(lines))
     finally:
         logger.finish()
@@ -317,6 +318,7 @@ def summary(trainer):
         f"  in {folder.path}: {folder.latest.name} (continue with: python main.py --load_path {folder.path} "
         f"--train_steps N), {', '.join(made)}",
     ]
+    lines += [f"  {line}" for line in fast.capture_paths(trainer.one_step, trainer.sampler.model).splitlines()]
     return "\n".join(lines)
 
 
@@ -338,6 +340,9 @@ def main(argv=None, tune_process=False):
         message, status = e.args
         report(procs, message)
         return status
+    except fast.CaptureBroke as e:  # sampling for --sample or --visualize (a training run says more: trainer.py)
+        report(procs, f"error: {e}; nothing was lost. Run the same command again with --cuda_graph False")
+        return 1
     except OSError as e:  # a disk or permission problem outside the places that explain themselves
         where = f" {e.filename}" if e.filename else ""
         report(procs, f"error: could not read or write{where}: {e.strerror or e}")

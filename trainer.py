@@ -82,12 +82,7 @@ class Trainer:
         its buffers, the loss read and checked, EMA. Returns the mean loss."""
         self.model.train()
         self.one_step.load(next(self.batches) for _ in range(self.config.gradient_accumulate_every))
-        try:
-            loss = self.procs.mean(self.one_step()).item()
-        except fast.CaptureBroke as e:
-            resume = (self.on_disk() if self.saved_step is not None
-                      else "nothing was saved: run the same command again with")
-            raise UserError(f"{e}; the run stopped. {resume} --cuda_graph False") from None
+        loss = self.procs.mean(self.one_step()).item()
         if not math.isfinite(loss):
             raise UserError(
                 f"the loss became {loss} at step {self.step + 1}; training stopped and no checkpoint was "
@@ -230,6 +225,10 @@ class Trainer:
                 self._loop(stop)
         except KeyboardInterrupt:  # a second Ctrl-C
             raise Interrupted(f"interrupted at step {self.step}; {self.on_disk()}", 128 + signal.SIGINT) from None
+        except fast.CaptureBroke as e:  # the training step's capture, or a milestone's sampling
+            resume = (self.on_disk() if self.saved_step is not None
+                      else "nothing was saved: run the same command again with")
+            raise UserError(f"{e}; the run stopped. {resume} --cuda_graph False") from None
         if self.procs.any(stop.signal is not None):  # a collective: every process must ask
             signum = stop.signal or signal.SIGTERM  # another process was signalled
             raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {self.step}; {self.on_disk()}",
@@ -237,7 +236,12 @@ class Trainer:
         if self.milestone_images and self.milestone_images[0] == self.step:
             final = self.milestone_images[1][: cfg.num_samples]  # the last step was a milestone
         else:
-            final = self.sample(cfg.num_samples, seed=cfg.seed - 1)
+            try:
+                final = self.sample(cfg.num_samples, seed=cfg.seed - 1)
+            except fast.CaptureBroke as e:
+                raise UserError(f"{e}; training is complete ({self.folder.latest} holds step {self.saved_step}) but "
+                                f"the final grid was not drawn. Draw images with: python main.py --load_path "
+                                f"{self.folder.path} --sample {cfg.num_samples} --cuda_graph False") from None
         if self.procs.main:
             save_grid(final, self.folder.path / "sample-final.png")
 

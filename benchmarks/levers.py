@@ -139,8 +139,8 @@ def train_seconds(diffusion, dtype, steps, fused, settings, captured=False):
         sync(device)
         if i >= warm:
             times.append(time.perf_counter() - start)
-    if getattr(step, "failed", None):  # a captured figure that is not one would mislead
-        raise RuntimeError(f"the step could not be captured: {step.failed}")
+    if captured and getattr(step, "graph", None) is None:  # a captured figure that is not one would mislead
+        raise RuntimeError(f"the step could not be captured: {step.failed or step.why}")
     return statistics.median(times)
 
 
@@ -166,8 +166,8 @@ def sample_seconds_per_image(model, dtype, evaluations, sized, settings, capture
             sync(device)
             if i:
                 times.append((time.perf_counter() - start) / n)
-    if captured and model in replay._failed:
-        raise RuntimeError("sampling could not be captured")
+    if captured and model in replay.eager:
+        raise RuntimeError(f"sampling could not be captured: {replay.eager[model]}")
     return statistics.median(times)
 
 

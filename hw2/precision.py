@@ -19,6 +19,7 @@ import contextlib
 import sys
 
 import torch
+from tqdm.auto import tqdm
 
 from hw2.errors import UserError
 
@@ -67,9 +68,10 @@ def amp_dtype(choice, device):
 
 
 def warn_once(message):
+    """message on stderr, once a process; on a line of its own while a progress bar is drawn."""
     if message not in _warned:
         _warned.add(message)
-        print(message, file=sys.stderr)
+        tqdm.write(message, file=sys.stderr)
 
 
 def describe_precision(choice, device, dtype):

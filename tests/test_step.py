@@ -11,7 +11,7 @@ from hw2 import fast
 from hw2.config import Config
 from hw2.data import Batches, training_data
 from hw2.distributed import Processes
-from hw2.fast import step as fast_step
+from hw2.fast import cuda, step as fast_step
 from hw2.precision import autocast
 from hw2.step import TrainStep
 from trainer import Trainer
@@ -133,14 +133,27 @@ class Several(Processes):
     ("cuda", None, Alone(), {"cuda_graph": False}, (False, "--cuda_graph False")),
     ("cpu", None, Alone(), {}, (False, "no CUDA graphs on cpu")),
     ("mps", None, Alone(), {}, (False, "no CUDA graphs on mps")),
+    ("cuda", None, Alone(), {"edited": ("unet.py",)},
+     (False, "unet.py was edited, so the model's Python (a print, a counter) runs at every step; --cuda_graph True "
+             "captures it, and then that Python runs only while it is captured")),
+    ("cuda", None, Alone(), {"edited": ("unet.py", "diffusion.py"), "cuda_graph": True}, (True, None)),
+    ("cuda", None, Alone(), {"edited": ("diffusion.py",), "cuda_graph": False}, (False, "--cuda_graph False")),
+    ("cuda", None, Alone(), {"lacking": "torch 2.3 has no torch.cuda.graph"}, (False, "torch 2.3 has no torch.cuda.graph")),
 ])
-def test_the_step_is_captured_wherever_a_capture_holds_and_says_why_not(device, dtype, procs, overrides, expected):
+def test_the_step_is_captured_wherever_a_capture_holds_and_says_why_not(device, dtype, procs, overrides, expected,
+                                                                       monkeypatch):
+    """The plan, and the start-up line's words; "edited": unet.py or diffusion.py changed, which keeps
+    the captures off unless --cuda_graph True; "lacking": what this torch would lack for a capture."""
+    overrides = dict(overrides)
+    edited, lacking = overrides.pop("edited", ()), overrides.pop("lacking", None)
+    monkeypatch.setattr(fast_step, "edited_files", lambda: edited)
+    monkeypatch.setattr(cuda.Cuda, "unsupported", lambda self: lacking)
     assert fast_step.plan(device, dtype, procs, Config(**overrides)) == expected
     words = fast_step.describe(device, dtype, procs, Config(**overrides))
     if device != "cuda":
         assert words is None
     else:
-        assert words == ("the training step in one CUDA graph" if expected[0] else
+        assert words == ("the training step in one CUDA graph, checked at first use" if expected[0] else
                          f"the training step eager ({expected[1]})")
 
 

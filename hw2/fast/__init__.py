@@ -14,29 +14,42 @@ Entry points, the only names the rest of the project uses:
     make_adam(model, lr)          the optimizer
     step_plan(device, ...)        whether the training step is captured in a CUDA graph, and why not
     step_for_trainer(step, ...)   the training step as the Trainer calls it (hw2/fast/step.py)
+    capture_paths(step, model)    how the step and sampling ran on CUDA, for a run's last lines
     tune_process()                process-wide settings, once, where the process starts
     CaptureBroke                  a failed capture left the GPU unusable (hw2/fast/cuda.py)
     describe(model, device)       the start-up line's words (with --verbose)
 """
 import torch
 
-from hw2.fast import kernel
+from hw2.fast import cuda, kernel, replay
 from hw2.fast.cuda import CaptureBroke
 from hw2.fast.memory import keep_freed_memory
 from hw2.fast.network import CPU_LEVERS, LEVERS, NETWORK_LEVERS, edited_note, is_fast, speed_up
 from hw2.fast.sampling import images_per_pass, sampling
-from hw2.fast.step import describe as describe_step, for_trainer as step_for_trainer, plan as step_plan
+from hw2.fast.step import capture_rule, describe as describe_step, for_trainer as step_for_trainer, plan as step_plan
 
 _process = {}  # what tune_process() did in this process: {"freed_memory": note or None}
 
 __all__ = ["LEVERS", "CPU_LEVERS", "for_run", "speed_up", "edited_note", "is_fast", "sampling", "images_per_pass", "make_adam", "tune_process",
-           "describe", "describe_step", "step_plan", "step_for_trainer", "CaptureBroke"]
+           "describe", "describe_step", "step_plan", "step_for_trainer", "capture_paths", "CaptureBroke"]
 
 
 def for_run(model, config):
     """model as the run's hw2.config.Config asks: plain with --plain, else fast, with its
-    --channels_last (None: the default rule)."""
-    return model if config.plain else speed_up(model, channels_last=config.channels_last)
+    --channels_last (None: the default rule), and captured sampling where --cuda_graph and the
+    code allow captures (hw2/fast/step.py's capture_rule)."""
+    if config.plain:
+        return model
+    levers = LEVERS if capture_rule(config)[0] else tuple(x for x in LEVERS if x != "captured_sampling")
+    return speed_up(model, levers, channels_last=config.channels_last)
+
+
+def capture_paths(step, model):
+    """How the training step (the Trainer's, when given) and model's sampling ran on a CUDA GPU,
+    one line each ('' where neither ran there)."""
+    lines = [step.path()] if hasattr(step, "path") else []
+    lines += [line for line in [replay.path(model)] if line]
+    return "\n".join(lines)
 
 
 def make_adam(model, lr, capturable=False, fused=None):
@@ -73,7 +86,7 @@ def describe(model, device):
     if not is_fast(model):
         return "the homework's network as written, no speed levers (--plain)"
     words = [f"speed levers on ({len(model.levers)} of {len(NETWORK_LEVERS)} in the network; --plain for none)"]
-    if torch.device(device).type == "cpu" and "attention_kernel" in model.levers:
+    if cuda.is_cpu(device) and "attention_kernel" in model.levers:
         words.append(kernel.status())
     if _process.get("freed_memory"):
         words.append(_process["freed_memory"])

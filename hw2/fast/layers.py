@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import unet
-from hw2.fast import kernel
+from hw2.fast import cuda, kernel
 from hw2.fast.state import sampling_now
 
 LOG2_E = 1.4426950408889634  # e^z = 2^(z log2 e)
@@ -136,7 +136,7 @@ class FoldedLinearAttention(unet.LinearAttention):
         return out.view(b, h, w, c_out).permute(0, 3, 1, 2)  # (B, C_out, H, W), stored pixel-major
 
     def takes_base2(self, x_t):
-        if not (self.base2 and sampling_now() and x_t.device.type == "cpu" and x_t.dtype == torch.float32
+        if not (self.base2 and sampling_now() and cuda.is_cpu(x_t.device) and x_t.dtype == torch.float32
                 and exp2_pays()):
             return False
         hidden = self.to_qkv.weight.shape[0] // 3

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+import diffusion
 import unet
 from hw2.fast import cuda, layers, replay
 from hw2.fast.state import sampling_now
@@ -38,7 +39,7 @@ def sampled_channels_last(device, pixels):
     are stored channels-last (NHWC), where oneDNN runs their 16-32 channel convolutions
     faster. (In training, and on smaller maps, channels-last costs more than it saves: its
     GroupNorm and the backward pass are slower so.)"""
-    return torch.device(device).type == "cpu" and pixels >= CPU_CHANNELS_LAST_PIXELS
+    return cuda.is_cpu(device) and pixels >= CPU_CHANNELS_LAST_PIXELS
 
 
 class FastUnet(unet.Unet):
@@ -151,7 +152,7 @@ def fingerprint(definition):
         return None
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if (isinstance(node, (ast.ClassDef, ast.FunctionDef)) and body and isinstance(body[0], ast.Expr)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and body and isinstance(body[0], ast.Expr)
                 and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
     return hashlib.sha1(ast.dump(tree).encode()).hexdigest()[:16]
@@ -161,6 +162,21 @@ def fingerprint(definition):
 def edited():
     """The names of the unet.py definitions whose code differs from what SHIPPED was made from."""
     return tuple(name for name, shipped in SHIPPED.items() if fingerprint(getattr(unet, name)) != shipped)
+
+
+# unet.py and diffusion.py as shipped, whole: where either is edited the captures wait for --cuda_graph True
+# (hw2/fast/step.py's capture_rule), so that a student's print or counter in the model runs at every step
+SHIPPED_FILES = {
+    "unet.py": "4ffa7e5380cebb21",
+    "diffusion.py": "53e8c0ff1fcef22d",
+}
+
+
+@functools.cache
+def edited_files():
+    """unet.py and diffusion.py where their code (docstrings and comments aside) differs from SHIPPED_FILES."""
+    return tuple(name for name, module in (("unet.py", unet), ("diffusion.py", diffusion))
+                 if fingerprint(module) != SHIPPED_FILES[name])
 
 
 def held(levers):

@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-from hw2.fast import kernel
+from hw2.fast import cuda, kernel
 from hw2.fast.network import is_fast
 from hw2.fast.state import reset_sampling, set_sampling
 
@@ -37,7 +37,7 @@ def images_per_pass(model, device, image_size, amp_dtype=None, sized=None):
     on for a fast model unless `sized` says otherwise (benchmarks/levers.py leaves it out)."""
     if not (is_fast(model) if sized is None else sized):
         return PLAIN_PASS
-    if torch.device(device).type != "cpu":
+    if not cuda.is_cpu(device):
         return GPU_PASS
     element = torch.finfo(amp_dtype or torch.float32).bits // 8
     in_kernel = ("attention_kernel" in model.levers and kernel.kernel() is not None
