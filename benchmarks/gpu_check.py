@@ -1,52 +1,55 @@
 """The first thing to run when a CUDA GPU is at hand: does training work, is the captured path
-right, and how fast is it, per precision and per lever.
+right on this torch and this GPU, and how fast is it, per precision and per lever.
 
-    python benchmarks/gpu_check.py          # on the GPU: about 4 minutes on an H200 (estimated)
+    python benchmarks/gpu_check.py          # on the GPU: under 4 minutes on an H100 (estimated)
     python benchmarks/gpu_check.py --dry    # the same code path, tiny, on the CPU through the fake
                                             # CUDA device (hw2/fast/fake_cuda.py); the tests run this
 
-For float32, bfloat16 (where the GPU has it natively, compute capability 8.0+) and float16
-(with loss scaling), it trains the homework's model (32 px, batch 32 x 2, dim 16, T = 50)
-through the Trainer, as main.py does, on synthetic images in memory, and reports per
-precision:
-- ms per optimizer step (median, host work included) for the step as it ran before it was
-  captured (eager, two passes), eager with its passes joined where memory allows, and
-  captured in a CUDA graph (hw2/fast/step.py); float16's loss scaling is never captured;
-- kernels per step (torch.profiler, over a few steps);
-- whether the loss is finite and falls (mean of the last 10 steps below the first 10);
-- the time to sample 512 images over the full 50-step chain, with each network evaluation
-  eager and replayed from a CUDA graph (captured_sampling, hw2/fast/replay.py), and how far
-  the two ways' images differ;
-- the homework's two runs projected from these: 10,000 steps with 11 grids of 64, and the
-  FID experiment, 1,000 steps with 10 x 512 images and a grid (Inception's features left out);
-- a resume: steps 1..N+M in one go against N, a checkpoint and M more from it, weight for
-  weight (bitwise, or the largest difference).
-Then, in float32 (what --amp auto picks on a GPU), the captured path against the eager one:
-- 8 steps eager and captured from one seed, loss by loss;
-- a run stopped after N steps and resumed for M against one never stopped: the device
-  generator's state after it (equal, exactly) and the M losses;
-- a run resumed from a checkpoint a CPU run made (plain Adam): does it capture;
-- a drill: a layer that reads a value on the host, which no capture holds: the run goes on
-  eagerly, says so once, and its losses are the eager run's;
-and the levers one by one, eager and captured (benchmarks/levers.py's measurement, one
-repetition). Every table says the torch version and the device.
+Each section runs in a try of its own, is printed as it ends (the device's memory after it) and
+is written with the others to --json (gpu_check.json), so that one that fails loses nothing else:
+- what a failed capture leaves behind on this torch (benchmarks/capture_probe.py, in a process of
+  its own): the error, the error inside it, and whether the generator, the allocator, a new
+  capture and the default stream still work;
+- for float32, float16 (loss scaling) and bfloat16 (where native, compute capability 8.0+): the
+  homework's model (32 px, batch 32 x 2, dim 16, T = 50) trained through the Trainer on synthetic
+  images, ms per step (median, host work included) as the step ran before it was captured
+  (eager, two passes), eager with its passes joined, and captured (float16's loss scaling is never
+  captured); kernels per step; whether the loss falls; 512 images sampled eagerly and captured,
+  and how far the two differ; the homework's two runs projected (10,000 steps with 11 grids of
+  64; the FID experiment, 1,000 steps with 10 x 512 images, Inception left out); a resume,
+  weight for weight;
+- the captured path in float32: 8 steps eager and captured from one seed, loss by loss, with the
+  run's own first-use check; a resume that continues the device generator exactly; a checkpoint
+  of a CPU run resumed and captured; a gradient hook that reads the host, found by the watched
+  step (no capture tried), the losses those of an eager run. The 8 steps again in bfloat16;
+- drills through main.py, each in a process of its own on a copy of the project with unet.py
+  edited (benchmarks/drills.py): a value read on the host in backward, in forward (sampling
+  meets it too), only while sampling, and only inside a capture (which fails: what this torch
+  does then); each line says what was expected and what happened;
+- the levers one by one, eager and captured (benchmarks/levers.py, one repetition), skipped when
+  --budget seconds would not hold them.
 """
 import argparse
 import contextlib
 import io
+import json
 import math
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffusion import Diffusion  # noqa: E402
+import drills as drills_module  # noqa: E402
 import levers  # noqa: E402
 from hw2 import fast  # noqa: E402
 from hw2.check import synthetic_images  # noqa: E402
@@ -62,10 +65,10 @@ from unet import Unet  # noqa: E402
 
 FULL = dict(image_size=32, unet_dim=16, unet_dim_mults=(1, 2, 4, 8), time_steps=50, batch_size=32,
             eager_steps=30, captured_steps=120, samples=512, images=512, resume=(10, 10), profiled=3, all_profiled=True,
-            compared_steps=8, lever_steps=10, lever_evaluations=4)
+            compared_steps=8, lever_steps=10, lever_evaluations=4, lever_seconds=60)
 DRY = dict(image_size=8, unet_dim=8, unet_dim_mults=(1, 2), time_steps=5, batch_size=4,
            eager_steps=8, captured_steps=8, samples=4, images=32, resume=(2, 4), profiled=1, all_profiled=False,
-           compared_steps=8, lever_steps=1, lever_evaluations=1)
+           compared_steps=8, lever_steps=1, lever_evaluations=1, lever_seconds=30)
 LEVER_SETTINGS = {False: levers.HOMEWORK, True: levers.DRY}  # by dry
 RUNS = {"10,000-step run": (10_000, 11 * 64), "FID experiment": (1_000, 10 * 512 + 64)}  # (steps, images drawn)
 
@@ -176,24 +179,28 @@ def run_steps(trainer, steps):
     return losses, err.getvalue()
 
 
-def captured_path(settings, device, workdir):
-    """Lines on the captured path in float32, against the eager step: the same losses, a resume
-    that continues the device generator, a CPU-made checkpoint that captures, the drill."""
-    lines, ok = [], True
+def compared(settings, device, dtype, workdir):
+    """(lines, ok): settings["compared_steps"] steps from one seed, eager and captured, loss by loss
+    (both with their passes joined as memory allows); the captured run's own first-use check."""
     steps = settings["compared_steps"]
-
-    # 8 steps from one seed, eager and captured (both with their passes joined as memory allows)
-    eager = trainer_for(settings, device, None, workdir / "eager", capture=False)
-    captured = trainer_for(settings, device, None, workdir / "captured")
+    eager = trainer_for(settings, device, dtype, workdir / "eager", capture=False)
+    captured = trainer_for(settings, device, dtype, workdir / "captured")
     torch.manual_seed(1)
     eager_losses, _ = run_steps(eager, steps)
     torch.manual_seed(1)
     captured_losses, _ = run_steps(captured, steps)
     worst = largest_difference(eager_losses, captured_losses)
-    lines.append(f"{steps} steps from one seed, eager / captured (captured from step {WARMUP_STEPS + 1}), "
-                 f"largest relative difference {worst:.1e}:")
+    lines = [f"{steps} steps from one seed, eager / captured (captured from step {WARMUP_STEPS + 1}), largest "
+             f"relative difference {worst:.1e}; {captured.one_step.path()}:"]
     lines += [f"  step {k + 1}: {a:.6f} / {b:.6f}" for k, (a, b) in enumerate(zip(eager_losses, captured_losses))]
-    ok &= captured.one_step.graph is not None and worst < 1e-4
+    return lines, captured.one_step.graph is not None and worst < 1e-4
+
+
+def captured_path(settings, device, workdir):
+    """(lines, ok) on the captured path in float32, against the eager step: the same losses, a resume
+    that continues the device generator, a CPU-made checkpoint that captures, a hook the watched
+    step finds."""
+    lines, ok = compared(settings, device, None, workdir)
 
     # stopped after n steps and resumed for m, against a run never stopped
     n, m = settings["resume"]
@@ -226,7 +233,7 @@ def captured_path(settings, device, workdir):
                  f"(Adam capturable={group['capturable']}, fused={group['fused']})")
     ok &= took
 
-    # the drill: a layer no capture holds
+    # a gradient hook that reads a value on the host: the watched step finds it, no capture is tried
     runs = []
     for capture in (None, False):
         trainer = trainer_for(settings, device, None, workdir / f"drill-{capture}", capture=capture)
@@ -234,18 +241,34 @@ def captured_path(settings, device, workdir):
         torch.manual_seed(1)
         runs.append((trainer, *run_steps(trainer, WARMUP_STEPS + 3)))
     (drilled, losses, err), (_, eager_losses, _) = runs
-    notes = err.count("could not be captured")
+    notes = err.count("note: the training step runs eagerly")
     apart = largest_difference(losses, eager_losses)  # 0 on a CPU; cuDNN may differ in the last bits
-    lines.append(f"drill, a layer that reads a value on the host: {'eager' if drilled.one_step.failed else 'CAPTURED'} "
-                 f"after the failed capture ({drilled.one_step.failed}), the note printed {notes} time(s), "
-                 f"losses {'equal to' if apart < 1e-4 else 'NOT'} the eager run's (largest relative difference "
-                 f"{apart:.1e})")
-    ok &= bool(drilled.one_step.failed) and notes == 1 and apart < 1e-4
+    lines.append(f"a hook that reads a value on the host: {drilled.one_step.path()}; the note printed {notes} "
+                 f"time(s), losses {'equal to' if apart < 1e-4 else 'NOT'} the eager run's (largest relative "
+                 f"difference {apart:.1e})")
+    ok &= drilled.one_step.graph is None and notes == 1 and apart < 1e-4
     return lines, ok
 
 
+def drills(settings, device, workdir, dry):
+    """(lines, ok, data): each of benchmarks/drills.py's edits of unet.py through main.py in a process of
+    its own (on the fake device, failing as torch 2.11 does, when dry)."""
+    data = workdir / "data" / "cat"
+    data.mkdir(parents=True)
+    for k, image in enumerate(synthetic_images(24, 20)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(data / f"{k:03d}.png")
+    lines, found, ok = [], {}, True
+    for name in drills_module.EDITS:
+        result = found[name] = drills_module.run(name, workdir, data.parent, dry)
+        said = "; ".join(result["notes"] + ([result["error"]] if result["error"] else []) + result["paths"])
+        lines.append(f"{name} (expected: {result['expected']}): exit {result['exit']} in {result['seconds']} s"
+                     f"{', A TRACEBACK' if result['traceback'] else ''}; {said}")
+        ok &= not result["traceback"] and (result["exit"] == 0 or (result["exit"] == 1 and bool(result["error"])))
+    return lines, ok, found
+
+
 def check(settings, device, dtype, workdir):
-    """One precision's row."""
+    """One precision's row: {column: cell}, and figures under keys that start with _."""
     capturable = fast.step_plan(device, dtype, None, Config())[0]
     variants = {"before": dict(capture=False, join=False), "eager": dict(capture=False, join=True)}
     if capturable:
@@ -292,58 +315,120 @@ def precisions(device, dry):
     return found
 
 
+def row_lines(label, row):
+    columns = [c for c in row if not c.startswith("_")]
+    return ["| precision | " + " | ".join(columns) + " |", "| --- " * (len(columns) + 1) + "|",
+            f"| {label} | " + " | ".join(row[c] for c in columns) + " |"]
+
+
+def probe(dry):
+    """(lines, ok, data): benchmarks/capture_probe.py in a process of its own."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "capture_probe.py"), *(["--dry"] if dry else [])],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode:
+        return [f"the probe failed (exit {proc.returncode}): {proc.stderr[-1500:]}"], False, {}
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [f"a capture with a value read on the host: {found.get('capture')}",
+             f"  the error inside it (__context__): {found.get('inside')}",
+             f"  what a run names: {found.get('cause')}"]
+    lines += [f"after it, {what}: {'works' if error is None else error}" for what, error in found["after"].items()]
+    lines.append(f"recovered: {'yes' if found['recovered'] else 'NO: a failed capture ends a run on this torch'}")
+    return lines, "capture" in found, found
+
+
+class Sections:
+    """Each section run in its own try, printed as it ends, and written with the others to a JSON file;
+    the device's memory after each; a section with an estimate skipped when it would overrun the budget."""
+
+    def __init__(self, device, where, path, budget):
+        self.device, self.path, self.budget = device, Path(path), budget
+        self.results = {"device": where, "sections": {}}
+        self.started = time.perf_counter()
+
+    def run(self, name, body, estimate=0):
+        calls, elapsed = cuda.calls(), time.perf_counter() - self.started
+        print(f"\n### {name} ({self.results['device']})\n", flush=True)
+        if estimate and elapsed + estimate > self.budget:
+            return self.record(name, [f"skipped: {elapsed:.0f} s of the {self.budget:.0f} s budget spent, and it takes "
+                                      f"about {estimate} s"], None, {})
+        started = time.perf_counter()
+        calls.reset_peak_memory(self.device)
+        try:
+            lines, ok, data = body()
+        except Exception:  # noqa: BLE001 - a section that fails is reported, and the next one runs
+            lines, ok, data = traceback.format_exc().rstrip().splitlines(), False, {}
+        mib = calls.memory_allocated(self.device) / 2**20, calls.peak_memory(self.device) / 2**20
+        lines.append(f"({time.perf_counter() - started:.0f} s; device memory {mib[0]:.0f} MiB allocated, "
+                     f"peak {mib[1]:.0f} MiB)")
+        return self.record(name, lines, ok, data, seconds=time.perf_counter() - started, memory_mib=mib)
+
+    def record(self, name, lines, ok, data, **figures):
+        print("\n".join(lines), flush=True)
+        self.results["sections"][name] = {"ok": ok, "lines": lines, **figures, "data": data}
+        self.path.write_text(json.dumps(self.results, indent=1, default=str))
+        return ok
+
+    def all_ok(self):
+        return all(r["ok"] is not False for r in self.results["sections"].values())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry", "--dry-run", action="store_true",
                         help="tiny settings on the CPU through the fake CUDA device, to check it runs")
+    parser.add_argument("--json", default="gpu_check.json", help="where every section's results are written")
+    parser.add_argument("--budget", type=float, default=210,
+                        help="seconds: the lever tables are skipped when they would end after this")
     args = parser.parse_args(argv)
     if args.dry:
         with cuda.use(FakeCuda()):
-            return check_all(torch.device("cpu"), DRY, "CPU through the fake CUDA device (dry run)", dry=True)
+            return check_all(torch.device("cpu"), DRY, "CPU through the fake CUDA device (dry run)", args, dry=True)
     if not torch.cuda.is_available():
         print("no CUDA GPU here: run it on one (Colab: Runtime > Change runtime type > T4 GPU), or use --dry")
         return 2
     fast.tune_process()  # as main.py does (a dry run in the tests' process leaves the process alone)
     device = torch.device("cuda")
-    return check_all(device, FULL, torch.cuda.get_device_name(device), dry=False)
+    return check_all(device, FULL, torch.cuda.get_device_name(device), args, dry=False)
 
 
-def check_all(device, settings, name, dry):
+def check_all(device, settings, name, args, dry):
     where = f"{name}; torch {torch.__version__}"
     auto = amp_dtype("auto", device)
-    print(f"device: {where}; --amp auto gives {describe_precision('auto', device, auto)}")
+    print(f"device: {where}; --amp auto gives {describe_precision('auto', device, auto)}", flush=True)
+    sections = Sections(device, where, args.json, args.budget)
+    sections.run("what a failed capture leaves behind (benchmarks/capture_probe.py)", lambda: probe(dry))
     rows = {}
-    started_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for label, dtype in precisions(device, dry):
-            started = time.perf_counter()
-            rows[label] = check(settings, device, dtype, Path(tmp) / label)
-            print(f"{label}: done in {time.perf_counter() - started:.0f} s", flush=True)
-        started = time.perf_counter()
-        lines, path_ok = captured_path(settings, device, Path(tmp) / "path")
-        print(f"the captured path: done in {time.perf_counter() - started:.0f} s", flush=True)
-    started = time.perf_counter()
+            def row(label=label, dtype=dtype):
+                rows[label] = check(settings, device, dtype, Path(tmp) / label)
+                return row_lines(label, rows[label]), rows[label]["_ok"], rows[label]
+            sections.run(f"{label}: training, sampling, the homework's runs projected, a resume", row)
+        sections.run("the captured path, float32", lambda: (*captured_path(settings, device, Path(tmp) / "path"), {}))
+        if "bfloat16" in rows:
+            sections.run("captured against eager, bfloat16",
+                         lambda: (*compared(settings, device, torch.bfloat16, Path(tmp) / "bf16"), {}))
+        sections.run("drills: edits of unet.py through main.py, --cuda_graph True (benchmarks/drills.py)",
+                     lambda: drills(settings, device, Path(tmp) / "drills", dry))
+    if rows:
+        fastest = min(rows, key=lambda k: rows[k]["_best"])
+        print(f"\nfastest: {fastest}" + (f"; its best step against the eager bf16 step of before: "
+                                         f"x{rows['bfloat16']['_before'] / rows[fastest]['_best']:.1f}"
+                                         if "bfloat16" in rows else ""))
     lever_settings = LEVER_SETTINGS[dry]
-    figures = levers.measure(device, None, 1, settings["lever_steps"], settings["lever_evaluations"], lever_settings)
-    print(f"the levers: done in {time.perf_counter() - started:.0f} s", flush=True)
 
-    columns = [c for c in next(iter(rows.values())) if not c.startswith("_")]
-    print(f"\nall in {time.perf_counter() - started_all:.0f} s\n")
-    print(f"### Per precision ({where})\n")
-    print("| precision | " + " | ".join(columns) + " |")
-    print("| --- " * (len(columns) + 1) + "|")
-    for label, row in rows.items():
-        print(f"| {label} | " + " | ".join(row[c] for c in columns) + " |")
-    fastest = min(rows, key=lambda k: rows[k]["_best"])
-    if "bfloat16" in rows:  # what --amp auto picked before: bf16 where native, eager
-        print(f"\nfastest: {fastest}; its best step against the eager bf16 step of before: "
-              f"x{rows['bfloat16']['_before'] / rows[fastest]['_best']:.1f}")
-    print(f"\n### The captured path, float32 ({where})\n")
-    print("\n".join(lines))
-    print(f"\ncaptured path: {'all as expected' if path_ok else 'NOT as expected: see above'}")
-    for mode, table in figures.items():
-        levers.report(f"Levers, float32, {mode}, one repetition ({where})", table, lever_settings, minutes=True)
-    return 0 if path_ok and all(row["_ok"] for row in rows.values()) else 1
+    def lever_tables():
+        figures = levers.measure(device, None, 1, settings["lever_steps"], settings["lever_evaluations"],
+                                 lever_settings)
+        for mode, table in figures.items():
+            levers.report(f"Levers, float32, {mode}, one repetition ({where})", table, lever_settings, minutes=True)
+        return [f"{mode}: {len(table)} configurations" for mode, table in figures.items()], True, figures
+
+    sections.run("the levers, eager and captured (benchmarks/levers.py)", lever_tables, estimate=settings["lever_seconds"])
+    ok = sections.all_ok()
+    print(f"\nall in {time.perf_counter() - sections.started:.0f} s: {'as expected' if ok else 'NOT as expected: see above'}"
+          f"; every section in {args.json}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
