@@ -11,7 +11,8 @@ How it stands in:
   counter in the model runs while capturing and never at a replay, and what a recorded operator
   writes lands in the tensors the capture returned.
 - While it captures, reading a tensor's value on the host (item(), bool(), float() ...) and
-  synchronizing raise, as they do in a CUDA capture.
+  synchronizing raise, as they do in a CUDA capture; the capture then ends with capture_end's own
+  error, the first one its __context__, as torch.cuda.graph's does.
 - A failed capture leaves the device as torch does: with `recovers` (torch 2.12 and newer, whose
   generators keep a state per capture) it works on; without it (torch 2.11 and older) the
   default generator is left capturing, so every later random draw and capture fails with
@@ -42,6 +43,7 @@ from torch.utils._pytree import tree_flatten
 from hw2.fast.watch import HOST_READS
 
 CAPTURE_ERROR = "operation not permitted when stream is capturing (the fake CUDA device refuses it as CUDA would)"
+CAPTURE_END_ERROR = "CUDA error: operation failed due to a previous error during capture (the fake CUDA device)"
 LEFT_CAPTURING = "Offset increment outside graph capture encountered unexpectedly (the fake CUDA device: torch 2.11 " \
                  "and older leave the generator capturing after a failed capture)"
 
@@ -96,8 +98,11 @@ class FakeGraph:
     def __init__(self, fn, fake):
         self.fake = fake
         recorder = Recorder()
-        with fake.capturing(), recorder:
-            self.outputs = fn()
+        try:
+            with fake.capturing(), recorder:
+                self.outputs = fn()
+        except Exception:  # as on a GPU: ending the capture fails, the cause in the error's __context__
+            raise RuntimeError(CAPTURE_END_ERROR)  # noqa: B904 - the cause stays the __context__, as torch's
         self.ops = recorder.ops
         self.ran = True  # the capture did the first replay's work
 
