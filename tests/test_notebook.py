@@ -14,6 +14,7 @@ def test_notebook_runs_every_cell(image_root, tmp_path, standin_file):
     nb = nbformat.read(ROOT / "run_in_colab.ipynb", as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
+    assert "\nGPU_CHECK = False " in params[0].source  # the GPU check runs only when asked: minutes of a student's GPU
     out = tmp_path / "out"
     common = (f"--image_size 16 --batch_size 4 --unet_dim 8 --unet_dim_mults 1 2 --time_steps 5 --num_samples 4 "
               f"--fid_num_samples 6 --inception_path {standin_file} --wandb disabled")
