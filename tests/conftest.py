@@ -4,12 +4,18 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch import nn
+# One thread for the suite and every run it starts (main.py in a subprocess inherits it), set before
+# torch loads: the tests' models are tiny, so a second thread buys little alone, and beside other
+# work (a training run in another terminal) torch's spinning threads stall both (benchmarks/README.md).
+# A thread count the user set wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
