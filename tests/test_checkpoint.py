@@ -30,6 +30,17 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_torch_saved_checkpoint_that_carries_code_is_refused_as_such_on_the_command_line(tmp_path, capsys):
+    """torch.save's zip format: torch's weights-only loader names the unsupported global, and the
+    student reads that the file carries code, not that it is unreadable."""
+    path = tmp_path / "model-latest.pt"
+    torch.save({"format": FORMAT, "model": {"w": torch.randn(3)}, "step": 1, "extra": RunsCode()}, path)
+    assert main.main(["--load_path", str(path), "--sample", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: refusing to load {path}: it holds objects other than tensors and plain values (")
+    assert err.rstrip().endswith("only load checkpoints you trust") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"])
 def test_unreadable_files_give_a_clear_error(tmp_path, content):
     path = tmp_path / "bad.pt"
@@ -162,6 +173,18 @@ def test_each_process_saves_and_restores_its_own_generator():
     assert torch.equal(torch.get_rng_state(), generator_after(0, 3))
     assert note == ("note: the checkpoint holds the random states of 2 process(es), this run has 3: every process "
                     "continues process 0's")
+
+
+def test_on_a_mac_the_mps_generator_is_saved_and_restored_as_a_gpus_is(monkeypatch):
+    """(No Mac here: MPS's two generator calls are stood in for.)"""
+    generator = {"state": torch.arange(8, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: generator["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state: generator.update(state=state.clone()))
+    rng = capture_rng("mps", Processes())
+    assert torch.equal(rng["processes"][0]["mps"], torch.arange(8, dtype=torch.uint8))
+    generator["state"] = torch.zeros(8, dtype=torch.uint8)
+    assert restore_rng(rng, "mps", Processes()) is None
+    assert torch.equal(generator["state"], torch.arange(8, dtype=torch.uint8))
 
 
 def test_checkpoints_written_before_each_process_kept_its_own_generator_restore_it():

@@ -197,18 +197,22 @@ def test_the_cache_key_changes_when_a_file_is_rewritten(image_root):
     assert files_key(files[:-1], "tag") != files_key(files, "tag")
 
 
-def test_an_error_after_the_decoding_bar_starts_a_line_of_its_own(tmp_path, capsys):
-    """Too few readable images for a batch: the bar is closed and the error is on its own line, also
-    where the bar's carriage returns are not obeyed (a log file, a notebook's captured output)."""
+@pytest.mark.parametrize("readable,error", [
+    (3, "error: the dataset has 3 usable images, fewer than one batch of 4: add images or lower --batch_size"),
+    (0, "error: none of the 3 image files could be read (first: {first})"),
+])
+def test_an_error_after_the_decoding_bar_starts_a_line_of_its_own(tmp_path, capsys, readable, error):
+    """Too few readable images for a batch, or none: the bar is closed and the error is on its own
+    line, also where the bar's carriage returns are not obeyed (a log file, a notebook's captured
+    output)."""
     import main
 
     root = tmp_path / "data"
-    make_images(root / "cat", 3)
+    make_images(root / "cat", readable)
     for i in range(3):
         (root / "cat" / f"broken_{i}.jpg").write_bytes(b"not a jpeg")
     assert main.main(["--data_path", str(root), "--batch_size", "4", "--save_folder", str(tmp_path / "out"),
                       "--cache_dir", str(tmp_path / "cache"), "--device", "cpu", "--wandb", "disabled"]) == 1
     err = capsys.readouterr().err
     assert "decoding images" in err
-    assert ("error: the dataset has 3 usable images, fewer than one batch of 4: add images or lower --batch_size"
-            in err.split("\n"))
+    assert error.format(first=root / "cat" / "broken_0.jpg") in err.split("\n")

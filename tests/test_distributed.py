@@ -78,6 +78,9 @@ def test_two_processes_equal_one_at_twice_the_batch_and_resume_across_counts(ima
     assert step_losses(tmp_path / "r2")[-1] == pytest.approx(step_losses(tmp_path / "r1")[-1], rel=1e-5)
     assert_same_model(resumed_one["model"], resumed_two["model"])
     assert "the checkpoint holds the random states of 2 process(es), this run has 1" in one_more.stdout
+    # and the other way, one process's checkpoint in two: the note once, from the main process
+    more, _ = train(image_root, tmp_path, tmp_path / "r3", 2, 2, 2, "--load_path", str(tmp_path / "one" / "model-1.pt"))
+    assert more.stdout.count("note: the checkpoint holds the random states of 1 process(es), this run has 2") == 1
 
     # each process's random streams continue as in the run that was never stopped: the same
     # step 2, and the same states in its checkpoint, one per process

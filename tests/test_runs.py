@@ -80,7 +80,9 @@ def test_resume_visualize_and_sample_need_only_the_run_folder(image_root, tmp_pa
             f"the run's; --num_samples N for another)") in proc.stdout  # the grid's size, and where it came from
 
 
-def test_sample_uses_the_ema_weights_the_seed_and_ddim(image_root, tmp_path, monkeypatch):
+def test_sample_uses_the_ema_weights_the_seed_and_ddim(image_root, tmp_path, monkeypatch, capsys):
+    """(And its grid shows all 4 images drawn, as many as the run's --num_samples 4: nothing to say of
+    where the grid's size came from.)"""
     out = tmp_path / "run"
     assert main.main([*base(image_root, tmp_path), "--train_steps", "2", "--ema_decay", "0.5"]) == 0
     drawn = {}
@@ -91,12 +93,15 @@ def test_sample_uses_the_ema_weights_the_seed_and_ddim(image_root, tmp_path, mon
         return real(sampler, n, seed, *args, **kwargs)
 
     monkeypatch.setattr(main, "generate", spy)
-    assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--sample", "3", "--seed", "5", "--sampling_timesteps", "2"]) == 0
+    assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--sample", "4", "--seed", "5", "--sampling_timesteps", "2"]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote 4 images to {out / 'samples-step2-seed5'}/ and a grid of 4 to {out / 'samples-step2-seed5.png'}\n" \
+        in said
     ema = load_checkpoint(out / "model-latest.pt")["ema"]
     weights = drawn["sampler"].model.state_dict()
     assert all(torch.equal(weights[k], v) for k, v in ema.items()) and drawn["seed"] == 5 and drawn["steps"] == 2
     first = [Image.open(p).tobytes() for p in sorted((out / "samples-step2-seed5").iterdir())]
-    assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--sample", "3", "--seed", "5", "--sampling_timesteps", "2",
+    assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--sample", "4", "--seed", "5", "--sampling_timesteps", "2",
                       "--save_folder", str(tmp_path / "again")]) == 0
     again = [Image.open(p).tobytes() for p in sorted((tmp_path / "again" / "samples-step2-seed5").iterdir())]
     assert first == again  # seeded

@@ -1,6 +1,6 @@
 """What a student meets on the command line: a finished run left as it is, milestones that say
 what they wrote, the first real problem reported first."""
-import glob
+import subprocess
 from pathlib import Path
 
 import main
@@ -48,14 +48,23 @@ def test_a_missing_data_folder_is_reported_before_an_occupied_save_folder(image_
     assert f"data folder {missing} does not exist" in err and "already holds a run" not in err
 
 
+def in_a_shell(words):
+    """What bash hands a command given `words` (a sync line's arguments): its arguments, one a line."""
+    return subprocess.run(["bash", "-c", f"printf '%s\\n' {words}"], capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+
+
 def test_every_command_on_a_run_folder_logs_to_one_wandb_run(image_root, tmp_path, capsys):
     """Offline: the first command keeps the run's id in the folder, a resume and --sample continue
     that run (each writes a part of it, which wandb sync uploads in order), and the sync line
-    names every part."""
+    names every part, pasted into a shell as it is, whatever spaces the folder's path holds."""
     from wandb_records import logged
 
-    out = tmp_path / "run"
-    assert main.main(base(image_root, tmp_path, "--train_steps", "2", "--wandb", "offline")) == 0
+    out = tmp_path / "my runs" / "run 1"
+    assert main.main(base(image_root, tmp_path, "--train_steps", "2", "--wandb", "offline", "--save_folder",
+                          str(out))) == 0
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    assert in_a_shell(first.split("wandb sync ")[1]) == [str(next((out / "wandb").glob("offline-run-*")))]
     assert main.main(["--load_path", str(out), "--cache_dir", str(tmp_path / "cache"), "--train_steps", "4",
                       "--wandb", "offline"]) == 0
     said = capsys.readouterr().out.strip().splitlines()
@@ -66,9 +75,9 @@ def test_every_command_on_a_run_folder_logs_to_one_wandb_run(image_root, tmp_pat
     assert [run.run_id for run, _ in runs] == [run_id, run_id]
     assert [row["_step"] for row in runs[1][1] if "loss" in row] == [3, 4]  # the resume logs steps 3 and 4
     assert said[-1] == (f"  W&B logged offline (2 parts, one per command); upload it with: wandb sync "
-                        f"{out / 'wandb'}/offline-run-*-{run_id}*")
+                        f"'{out / 'wandb'}'/offline-run-*-{run_id}*")
     pattern = said[-1].split("wandb sync ")[1]
-    assert sorted(map(Path, glob.glob(pattern))) == parts  # what the shell hands wandb sync: every part, in order
+    assert list(map(Path, in_a_shell(pattern))) == parts  # what the shell hands wandb sync: every part, in order
 
 
 def test_a_stopped_run_still_says_how_to_upload_what_it_logged(image_root, tmp_path, capsys, monkeypatch):
