@@ -13,6 +13,7 @@ new capture that replays right, and kernels on the default stream.
 """
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,6 +47,21 @@ def probe(device):
     found["after"] = calls.recovery(device, every=True)
     found["recovered"] = not any(found["after"].values())
     return found
+
+
+def in_a_process(dry):
+    """(lines, ok, found) for benchmarks/gpu_check.py: this script run in a process of its own."""
+    proc = subprocess.run([sys.executable, __file__, *(["--dry"] if dry else [])], capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode:
+        return [f"the probe failed (exit {proc.returncode}): {proc.stderr[-1500:]}"], False, {}
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [f"a capture with a value read on the host: {found.get('capture')}",
+             f"  the error inside it (__context__): {found.get('inside')}",
+             f"  what a run names: {found.get('cause')}"]
+    lines += [f"after it, {what}: {'works' if error is None else error}" for what, error in found["after"].items()]
+    lines.append(f"recovered: {'yes' if found['recovered'] else 'NO: a failed capture ends a run on this torch'}")
+    return lines, "capture" in found, found
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ through main.py in a process of its own on a copy of the project, as a student r
     EDITS          name: (a line of unet.py as shipped, the same line edited, what should happen)
     project_copy   the project's code in a folder, with unet.py (or diffusion.py) edited (the tests use it too)
     run(...)       one drill: its exit status, notes, error line and the run's last lines
+    all_drills     every drill, as gpu_check.py reports them
 """
 import re
 import shutil
@@ -80,3 +81,24 @@ def run(name, workdir, data, dry):
         "traceback": "Traceback" in proc.stderr,
         "tail": proc.stderr[-1500:] if "Traceback" in proc.stderr else None,
     }
+
+
+def all_drills(workdir, dry):
+    """(lines, ok, results) for benchmarks/gpu_check.py: every drill on synthetic images, one line each."""
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from hw2.check import synthetic_images
+
+    data = workdir / "data" / "cat"
+    data.mkdir(parents=True)
+    for k, image in enumerate(synthetic_images(24, 20)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(data / f"{k:03d}.png")
+    lines, results, ok = [], {}, True
+    for name in EDITS:
+        result = results[name] = run(name, workdir, data.parent, dry)
+        said = "; ".join(result["notes"] + ([result["error"]] if result["error"] else []) + result["paths"])
+        lines.append(f"{name} (expected: {result['expected']}): exit {result['exit']} in {result['seconds']} s"
+                     f"{', A TRACEBACK' if result['traceback'] else ''}; {said}")
+        ok &= not result["traceback"] and (result["exit"] == 0 or (result["exit"] == 1 and bool(result["error"])))
+    return lines, ok, results

@@ -35,7 +35,6 @@ import io
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,13 +42,13 @@ import traceback
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffusion import Diffusion  # noqa: E402
-import drills as drills_module  # noqa: E402
+import capture_probe  # noqa: E402
+import drills  # noqa: E402
 import levers  # noqa: E402
 from hw2 import fast  # noqa: E402
 from hw2.check import synthetic_images  # noqa: E402
@@ -63,8 +62,10 @@ from hw2.sampling import generate  # noqa: E402
 from trainer import Trainer  # noqa: E402
 from unet import Unet  # noqa: E402
 
+# on a GPU: fewer steps than the first runs (30 eager, 120 captured, every way profiled), whose medians
+# moved by less than their spread between runs, so that the whole check keeps under 4 minutes
 FULL = dict(image_size=32, unet_dim=16, unet_dim_mults=(1, 2, 4, 8), time_steps=50, batch_size=32,
-            eager_steps=30, captured_steps=120, samples=512, images=512, resume=(10, 10), profiled=3, all_profiled=True,
+            eager_steps=20, captured_steps=60, samples=512, images=512, resume=(8, 8), profiled=3, all_profiled=False,
             compared_steps=8, lever_steps=10, lever_evaluations=4, lever_seconds=60)
 DRY = dict(image_size=8, unet_dim=8, unet_dim_mults=(1, 2), time_steps=5, batch_size=4,
            eager_steps=8, captured_steps=8, samples=4, images=32, resume=(2, 4), profiled=1, all_profiled=False,
@@ -250,23 +251,6 @@ def captured_path(settings, device, workdir):
     return lines, ok
 
 
-def drills(settings, device, workdir, dry):
-    """(lines, ok, data): each of benchmarks/drills.py's edits of unet.py through main.py in a process of
-    its own (on the fake device, failing as torch 2.11 does, when dry)."""
-    data = workdir / "data" / "cat"
-    data.mkdir(parents=True)
-    for k, image in enumerate(synthetic_images(24, 20)):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(data / f"{k:03d}.png")
-    lines, found, ok = [], {}, True
-    for name in drills_module.EDITS:
-        result = found[name] = drills_module.run(name, workdir, data.parent, dry)
-        said = "; ".join(result["notes"] + ([result["error"]] if result["error"] else []) + result["paths"])
-        lines.append(f"{name} (expected: {result['expected']}): exit {result['exit']} in {result['seconds']} s"
-                     f"{', A TRACEBACK' if result['traceback'] else ''}; {said}")
-        ok &= not result["traceback"] and (result["exit"] == 0 or (result["exit"] == 1 and bool(result["error"])))
-    return lines, ok, found
-
-
 def check(settings, device, dtype, workdir):
     """One precision's row: {column: cell}, and figures under keys that start with _."""
     capturable = fast.step_plan(device, dtype, None, Config())[0]
@@ -319,21 +303,6 @@ def row_lines(label, row):
     columns = [c for c in row if not c.startswith("_")]
     return ["| precision | " + " | ".join(columns) + " |", "| --- " * (len(columns) + 1) + "|",
             f"| {label} | " + " | ".join(row[c] for c in columns) + " |"]
-
-
-def probe(dry):
-    """(lines, ok, data): benchmarks/capture_probe.py in a process of its own."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "capture_probe.py"), *(["--dry"] if dry else [])],
-                          capture_output=True, text=True, timeout=120)
-    if proc.returncode:
-        return [f"the probe failed (exit {proc.returncode}): {proc.stderr[-1500:]}"], False, {}
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
-    lines = [f"a capture with a value read on the host: {found.get('capture')}",
-             f"  the error inside it (__context__): {found.get('inside')}",
-             f"  what a run names: {found.get('cause')}"]
-    lines += [f"after it, {what}: {'works' if error is None else error}" for what, error in found["after"].items()]
-    lines.append(f"recovered: {'yes' if found['recovered'] else 'NO: a failed capture ends a run on this torch'}")
-    return lines, "capture" in found, found
 
 
 class Sections:
@@ -396,7 +365,8 @@ def check_all(device, settings, name, args, dry):
     auto = amp_dtype("auto", device)
     print(f"device: {where}; --amp auto gives {describe_precision('auto', device, auto)}", flush=True)
     sections = Sections(device, where, args.json, args.budget)
-    sections.run("what a failed capture leaves behind (benchmarks/capture_probe.py)", lambda: probe(dry))
+    sections.run("what a failed capture leaves behind (benchmarks/capture_probe.py)",
+                 lambda: capture_probe.in_a_process(dry))
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, dtype in precisions(device, dry):
@@ -409,7 +379,7 @@ def check_all(device, settings, name, args, dry):
             sections.run("captured against eager, bfloat16",
                          lambda: (*compared(settings, device, torch.bfloat16, Path(tmp) / "bf16"), {}))
         sections.run("drills: edits of unet.py through main.py, --cuda_graph True (benchmarks/drills.py)",
-                     lambda: drills(settings, device, Path(tmp) / "drills", dry))
+                     lambda: drills.all_drills(Path(tmp) / "drills", dry))
     if rows:
         fastest = min(rows, key=lambda k: rows[k]["_best"])
         print(f"\nfastest: {fastest}" + (f"; its best step against the eager bf16 step of before: "

@@ -32,7 +32,7 @@ WINDOW = 10  # steps averaged at the start and at the end of training
 # several and never waits on the run's spinning threads; and run as a script it takes a lower
 # priority, so that the run keeps most of the CPU. THREADS None: torch's default; NICENESS 0: as started.
 THREADS = 1
-NICENESS = 3
+NICENESS = 4
 
 
 class Failed(Exception):

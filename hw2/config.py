@@ -43,8 +43,9 @@ class Config:
                                    "by default those of 32 x 32 px and larger while sampling on a CPU (hw2/fast)")
     amp: str = flag("auto", "mixed precision: auto (float32 on CUDA, where it is fastest for this model; bf16 on CPUs "
                             "with native bf16), off, bf16 or fp16")
-    cuda_graph: bool = flag(None, "on a CUDA GPU, capture the training step once in a CUDA graph and replay it "
-                                  "(default: wherever it holds; False: never; hw2/fast)")
+    cuda_graph: bool = flag(None, "on a CUDA GPU, capture the training step and each sampling pass once in a CUDA "
+                                  "graph and replay them (default: wherever they hold, unless unet.py or diffusion.py "
+                                  "was edited; True: there too; False: never; docs/flags.md)")
     # outputs
     save_folder: str = flag("./results", "where checkpoints, sample images and plots go")
     save_and_sample_every: int = flag(1000, "steps between milestones (checkpoint + samples)")

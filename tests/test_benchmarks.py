@@ -42,7 +42,9 @@ def test_the_gpu_check_runs_every_section_prints_each_and_writes_them_all(capsys
     assert all(s["lines"][-1].endswith("MiB)") and "device memory" in s["lines"][-1] for s in written.values())
 
     probe = written["what a failed capture leaves behind (benchmarks/capture_probe.py)"]["data"]
-    assert probe["capture"].startswith("RuntimeError: a value read on the host (.item())")
+    assert probe["capture"].startswith("RuntimeError: CUDA error: operation failed due to a previous error during capture")
+    assert probe["inside"].startswith("RuntimeError: a value read on the host (.item())")
+    assert probe["cause"].startswith("RuntimeError at benchmarks/capture_probe.py:")
     assert probe["after"]["a random draw"].startswith("Offset increment outside graph capture")
     assert probe["after"]["synchronizing"] is None and probe["recovered"] is False
 

@@ -10,8 +10,9 @@ import torch
 
 import main
 from hw2 import precision
-from hw2.fast import cuda, network, replay
+from hw2.fast import cuda, network
 from hw2.fast.fake_cuda import FakeCuda
+from hw2.fast.step import WARMUP_STEPS
 from conftest import ROOT
 from test_cli import tiny_args
 
@@ -59,6 +60,31 @@ def test_cuda_graph_false_turns_off_every_capture(image_root, tmp_path, capsys):
         main.run(*main.parse_config([*again(tmp_path), "--sample", "4"]))
         assert fake.captures == 1  # sampling, captured by default
     assert "the training step eager (--cuda_graph False)" in capsys.readouterr().out
+
+
+def test_a_resumed_run_keeps_the_optimizer_it_built_and_captures(image_root, tmp_path):
+    """A --plain run's checkpoint (plain Adam) resumed by a default run: fused Adam on a CPU, and
+    with the fake CUDA device a capturable one whose step is captured; resumed again with
+    --plain, the plain Adam again. The optimizer's settings are the run's, its values the
+    checkpoint's."""
+    out = tmp_path / "results"
+    common = ["--cache_dir", str(tmp_path / "cache"), "--wandb", "disabled", "--amp", "off"]
+
+    def run(*args, fake_device=False):
+        with cuda.use(FakeCuda() if fake_device else cuda.Cuda()):
+            return main.run(*main.parse_config([*args, *common]))
+
+    run(*tiny_args(image_root, tmp_path, "--train_steps", "2", "--save_and_sample_every", "100", "--plain"))
+    saved = torch.load(out / "model-latest.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert not saved["fused"] and not saved["capturable"]
+    resumed = run("--load_path", str(out), "--train_steps", "3")
+    assert resumed.opt.param_groups[0]["fused"] and not resumed.opt.param_groups[0]["capturable"]
+    captured = run("--load_path", str(out), "--train_steps", str(3 + WARMUP_STEPS + 2), fake_device=True)
+    assert captured.opt.param_groups[0]["fused"] and captured.opt.param_groups[0]["capturable"]
+    assert captured.one_step.graph is not None and captured.one_step.failed is None  # captured, and replayed since
+    plain = run("--load_path", str(out), "--train_steps", str(3 + WARMUP_STEPS + 3), "--plain")
+    assert not plain.opt.param_groups[0]["fused"] and not plain.opt.param_groups[0]["capturable"]
+    assert float(plain.opt.state[next(plain.model.parameters())]["step"]) == 3 + WARMUP_STEPS + 3
 
 
 @pytest.fixture
@@ -164,7 +190,6 @@ def test_an_edit_that_reads_the_host_only_while_sampling_captures_the_step_and_s
     assert notes(err) == ["note: sampling runs eagerly, not in a CUDA graph: a graph cannot hold a value read on the "
                           f"host (.item()) at unet.py:{line}"]
     assert "  the training step captured in a CUDA graph" in out and "  sampling eager (a graph cannot hold" in out
-    results = str(tmp_path / "results")
     for job in (["--sample", "4"], ["--visualize"]):
         rc, out, err = student(folder, image_root, tmp_path, *again(tmp_path), "--cuda_graph", "True", *job)
         assert rc == 0 and err.endswith("fake CUDA device: 0 captures, 0 replays\n") and len(notes(err)) == 1

@@ -13,7 +13,7 @@ How it stands in:
 - While it captures, reading a tensor's value on the host (item(), bool(), float() ...) and
   synchronizing raise, as they do in a CUDA capture; the capture then ends with capture_end's own
   error, the first one its __context__, as torch.cuda.graph's does.
-- A failed capture leaves the device as torch does: with `recovers` (torch 2.12 and newer, whose
+- A failed capture leaves the device as torch does: with `recovers` (torch 2.14, by its source, whose
   generators keep a state per capture) it works on; without it (torch 2.11 and older) the
   default generator is left capturing, so every later random draw and capture fails with
   torch's message, and its recovery checks say so. `broken` (a reason) fails them too.
