@@ -28,6 +28,7 @@ def adam_moments(checkpoint):
     """Per parameter: Adam's running mean and square of the gradient, and its update."""
     group = checkpoint["optimizer"]["param_groups"][0]
     assert len(checkpoint["optimizer"]["param_groups"]) == 1 and group["weight_decay"] == 0
+    assert len(checkpoint["optimizer"]["state"]) == len(checkpoint["model"])  # parameters only, in order
     lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
     moments = {}
     for i, name in enumerate(checkpoint["model"]):
