@@ -31,7 +31,6 @@ def shorten(text, limit=160):
     return (head[:cut] if cut > 0 else head).rstrip(",;:") + " ..."
 
 
-
 STUDENT_FILES = ("unet.py", "diffusion.py")  # the homework's files a student edits
 PROJECT = Path(__file__).resolve().parents[1]
 

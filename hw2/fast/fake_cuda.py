@@ -46,7 +46,6 @@ CAPTURE_ERROR = "operation not permitted when stream is capturing (the fake CUDA
 CAPTURE_END_ERROR = "CUDA error: operation failed due to a previous error during capture (the fake CUDA device)"
 LEFT_CAPTURING = "Offset increment outside graph capture encountered unexpectedly (the fake CUDA device: torch 2.11 " \
                  "and older leave the generator capturing after a failed capture)"
-
 POOL_LEFT = "the allocator still routes memory to the failed capture's pool (the fake CUDA device, as torch 2.11 " \
             "and older)"
 

@@ -80,12 +80,10 @@ def capture(model, forward, x, time):
             torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None, cache_enabled=False):
         static_x, static_time = x.clone(), time.clone()
         with calls.side_stream(x.device):
-            for k in range(WARMUP_EVALUATIONS):
-                if k < WARMUP_EVALUATIONS - 1:
-                    forward(static_x, static_time)
-                    continue
-                with watch(x.device) as found:
-                    reference = forward(static_x, static_time).clone()
+            for _ in range(WARMUP_EVALUATIONS - 1):
+                forward(static_x, static_time)
+            with watch(x.device) as found:
+                reference = forward(static_x, static_time).clone()
         if found:
             raise Eager(f"a graph cannot hold {'; '.join(found)}", said=not unsaid(found))
         try:

@@ -189,10 +189,10 @@ class CudaStep:
 
 
 def agreement(eager_loss, loss, start, done, calls):
-    """How far (against watch.TOLERANCE) a captured step (its loss; the weights and generator now) is from the eager step
-    (eager_loss; `done`) made from the same state (`start`): the larger of the loss's relative
-    difference and the weights' largest difference over the step's largest update; inf where
-    the generators differ (a resume would not continue the run)."""
+    """How far (against watch.TOLERANCE) a captured step (its loss; the weights and generator
+    now) is from the eager step (eager_loss; `done`) made from the same state (`start`): the
+    larger of the loss's relative difference and the weights' largest difference over the step's
+    largest update; inf where the generators differ (a resume would not continue the run)."""
     if not torch.equal(calls.rng_state(done.step.device), done.rng):
         return float("inf")
     loss_apart = ((loss - eager_loss).abs() / eager_loss.abs().clamp_min(1e-12)).item()
